@@ -1,0 +1,205 @@
+"""Exact DC model of one memristive crossbar tile with driver and neuron resistances.
+
+Circuit (see ``shared/docs/crossbar-model.md`` section 4)::
+
+    V_i --[r_source]-- row i --(G_ij)-- column j --[r_sink]--> virtual ground
+
+Without wire resistance every row is one node ``u_i`` and every column one node
+``w_j``. Kirchhoff's current law is linear in V, so the column currents are
+``I = V @ T`` with a *transfer matrix* T that depends only on G, ``r_source`` and
+``r_sink``. T is the tile's effective conductance matrix: the non-ideal array
+multiplies by T instead of by G.
+
+Derivation used here (eliminate the row nodes, keep the ``cols x cols`` system)::
+
+    r_i = sum_j G_ij,  c_j = sum_i G_ij
+    a_i = 1 / (1 + r_source * r_i),   s_i = r_source * a_i
+    B   = I + r_sink * (diag(c) - G^T diag(s) G)        (symmetric positive definite)
+    T   = diag(a) @ G @ B^-1
+
+Every quantity stays finite at ``r_source = 0`` or ``r_sink = 0`` (then a = 1,
+s = 0, B = I and T = G), so the ideal limit needs no special case. When
+``cols > rows`` the same formula is applied to ``G^T`` with the two resistances
+swapped, which eliminates the other side and leaves the smaller system.
+
+The gradient is hand-written: it reuses ``B^-1`` from the forward pass, so the
+backward costs three matrix products of the tile's size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+
+__all__ = ["transfer_matrix", "solve", "check_resistance", "check_conductance"]
+
+
+def check_resistance(name: str, value: float) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` naming ``name``.
+
+    A resistance (ohm) must be finite and ``>= 0``.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar resistance in ohm (got shape {tuple(value.shape)})")
+        value = float(value.item())
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in ohm (got {value!r})") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite resistance >= 0 ohm (got {value})")
+    return value
+
+
+def check_conductance(name: str, G: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` unless G is a finite, non-negative, >=2-D float tensor."""
+    if not isinstance(G, torch.Tensor) or not G.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor of conductances in siemens")
+    if G.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., rows, cols) (got {tuple(G.shape)})")
+    if G.shape[-1] == 0 or G.shape[-2] == 0:
+        raise ValueError(f"{name} must have at least one row and one column (got {tuple(G.shape)})")
+    with torch.no_grad():
+        if not bool(torch.isfinite(G).all()):
+            raise ValueError(f"{name} must be finite (found NaN or inf)")
+        if bool((G < 0).any()):
+            raise ValueError(f"{name} must be >= 0 siemens (found {float(G.min()):.3e})")
+
+
+def _spd_inverse(B: torch.Tensor) -> torch.Tensor:
+    """Inverse of a batch of SPD matrices through Cholesky.
+
+    Forms ``L^-1`` with one batched triangular solve and then ``L^-T L^-1`` with a
+    matmul: on CPU, batched LAPACK solves with many right-hand sides are several
+    times slower than batched matmul, so every later use of ``B^-1`` is a matmul.
+    """
+    L, info = torch.linalg.cholesky_ex(B)
+    if bool((info != 0).any()):
+        raise ValueError(
+            "crossbar system is not positive definite: conductances or resistances are "
+            "too extreme for this precision (try float64)"
+        )
+    eye = torch.eye(B.shape[-1], dtype=B.dtype, device=B.device).expand_as(B)
+    L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+    return L_inv.mT @ L_inv
+
+
+def _transfer_cols_forward(G: torch.Tensor, r_source: float, r_sink: float) -> Tuple[torch.Tensor, ...]:
+    """T = diag(a) G B^-1 with the ``cols x cols`` system; returns T and what backward needs."""
+    r = G.sum(-1)
+    a = 1.0 / (1.0 + r_source * r)
+    if r_sink == 0.0:
+        return a.unsqueeze(-1) * G, a, None
+    c = G.sum(-2)
+    s = r_source * a
+    # M = diag(c) - G^T diag(s) G ; the matrix is symmetric, so symmetrise the rounding
+    GtsG = G.mT @ (s.unsqueeze(-1) * G) if r_source > 0 else None
+    B = torch.diag_embed(1.0 + r_sink * c)
+    if GtsG is not None:
+        B = B - r_sink * 0.5 * (GtsG + GtsG.mT)
+    B_inv = _spd_inverse(B)
+    T = (a.unsqueeze(-1) * G) @ B_inv
+    return T, a, B_inv
+
+
+class _TransferCols(torch.autograd.Function):
+    """Autograd wrapper of :func:`_transfer_cols_forward` with a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, G, r_source, r_sink):
+        T, a, B_inv = _transfer_cols_forward(G, r_source, r_sink)
+        ctx.r_source, ctx.r_sink = r_source, r_sink
+        ctx.save_for_backward(G, T, a, B_inv if B_inv is not None else torch.empty(0))
+        return T
+
+    @staticmethod
+    def backward(ctx, grad_T):
+        G, T, a, B_inv = ctx.saved_tensors
+        rs, rk = ctx.r_source, ctx.r_sink
+        grad_a_rows = a.unsqueeze(-1) * grad_T          # Gamma_a = diag(a) Gamma
+        if rk == 0.0:
+            # T = diag(a) G
+            grad_G = grad_a_rows
+            grad_a = (grad_T * G).sum(-1)
+        else:
+            K = grad_a_rows @ B_inv                       # direct term, B symmetric
+            H = T / a.unsqueeze(-1)                       # G B^-1 (a > 0 always)
+            grad_a = (grad_T * H).sum(-1)
+            P = -(H.mT @ K)                               # dL/dB
+            P = 0.5 * (P + P.mT)
+            grad_c = rk * torch.diagonal(P, dim1=-2, dim2=-1)
+            grad_G = K + grad_c.unsqueeze(-2)
+            if rs > 0.0:
+                GQ = G @ ((-rk) * P)                      # dL/d(G^T diag(s) G) = -rk P
+                s = rs * a
+                grad_G = grad_G + 2.0 * s.unsqueeze(-1) * GQ
+                grad_a = grad_a + rs * (GQ * G).sum(-1)
+        if rs > 0.0:
+            grad_r = -rs * a * a * grad_a
+            grad_G = grad_G + grad_r.unsqueeze(-1)
+        return grad_G, None, None
+
+
+def transfer_matrix(G: torch.Tensor, *, r_source: float, r_sink: float, r_wire: float = 0.0) -> torch.Tensor:
+    """Exact transfer matrix T of crossbar tiles, with column currents ``I = V @ T``.
+
+    Args:
+        G: conductances in siemens, shape ``(..., rows, cols)``; leading dimensions
+            batch over independent tiles. float32 or float64.
+        r_source: output resistance of every row driver, ohm (>= 0).
+        r_sink: input resistance of every column neuron, ohm (>= 0).
+        r_wire: resistance of each wire segment between neighbouring cells, ohm.
+            ``0`` uses the exact two-node-per-line model; ``> 0`` solves the full
+            ``2 * rows * cols`` node network (see :mod:`xbarflow.crossbar.wire`).
+
+    Returns:
+        T in siemens, shape ``(..., rows, cols)``, same dtype as G. Differentiable
+        with respect to G (exact gradient).
+
+    Raises:
+        ValueError: negative or non-finite resistance or conductance.
+    """
+    check_conductance("G", G)
+    r_source = check_resistance("r_source", r_source)
+    r_sink = check_resistance("r_sink", r_sink)
+    r_wire = check_resistance("r_wire", r_wire)
+    if r_wire > 0.0:
+        from . import wire  # imported lazily: optional, heavier solver
+
+        return wire.transfer_matrix_wire(G, r_source=r_source, r_sink=r_sink, r_wire=r_wire)
+    if r_source == 0.0 and r_sink == 0.0:
+        return G.clone() if not G.requires_grad else G * 1.0
+    rows, cols = G.shape[-2], G.shape[-1]
+    if cols <= rows:
+        return _TransferCols.apply(G, r_source, r_sink)
+    # Eliminating the columns instead is the same formula on the transposed circuit.
+    return _TransferCols.apply(G.mT, r_sink, r_source).mT
+
+
+def solve(G: torch.Tensor, V: torch.Tensor, *, r_source: float, r_sink: float, r_wire: float = 0.0) -> torch.Tensor:
+    """Currents into the column neurons of crossbar tiles driven by row voltages.
+
+    Args:
+        G: conductances in siemens, shape ``(..., rows, cols)``.
+        V: source voltages in volts, shape ``(..., batch, rows)``; leading dimensions
+            broadcast against those of G.
+        r_source, r_sink, r_wire: resistances in ohm, as in :func:`transfer_matrix`.
+
+    Returns:
+        I in amperes, shape ``(..., batch, cols)``: the current through each
+        column's ``r_sink`` into the neuron's virtual ground.
+    """
+    check_conductance("G", G)
+    if not isinstance(V, torch.Tensor) or not V.is_floating_point():
+        raise ValueError("V must be a floating-point tensor of voltages in volts")
+    if V.dim() < 2 or V.shape[-1] != G.shape[-2]:
+        raise ValueError(
+            f"V must have shape (..., batch, rows={G.shape[-2]}) to match G {tuple(G.shape)} "
+            f"(got {tuple(V.shape)})"
+        )
+    if not bool(torch.isfinite(V).all()):
+        raise ValueError("V must be finite (found NaN or inf)")
+    T = transfer_matrix(G, r_source=r_source, r_sink=r_sink, r_wire=r_wire)
+    return V @ T
