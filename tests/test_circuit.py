@@ -1,0 +1,102 @@
+"""The no-wire circuit solver against an independent nodal analysis, limits and gradients."""
+import numpy as np
+import pytest
+import torch
+
+from nodal import nodal_currents
+from xbarflow.crossbar import solve, transfer_matrix
+
+SHAPES = [(1, 1), (1, 7), (7, 1), (2, 3), (3, 2), (16, 16), (9, 40), (40, 9), (64, 64), (64, 33), (17, 64)]
+RESISTANCES = [(0.0, 0.0), (1e3, 0.0), (0.0, 1e3), (1e3, 1e3), (5e3, 200.0), (100.0, 2e4)]
+
+
+def _rel_err(a, b):
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+def test_solve_matches_nodal_analysis(rows, cols):
+    rng = np.random.default_rng(rows * 100 + cols)
+    G = rng.uniform(1 / 200e3, 1 / 20e3, size=(rows, cols))
+    V = rng.uniform(-0.2, 0.2, size=(3, rows))
+    for r_source, r_sink in RESISTANCES:
+        I = solve(torch.tensor(G), torch.tensor(V), r_source=r_source, r_sink=r_sink).numpy()
+        ref = nodal_currents(G, V, r_source, r_sink)
+        assert _rel_err(I, ref) <= 1e-9, (rows, cols, r_source, r_sink)
+
+
+def test_transfer_matrix_batched_over_tiles_matches_each_tile():
+    rng = np.random.default_rng(1)
+    G = torch.tensor(rng.uniform(5e-6, 5e-5, size=(2, 3, 12, 8)))
+    T = transfer_matrix(G, r_source=2e3, r_sink=500.0)
+    assert T.shape == G.shape
+    eye = np.eye(12)
+    for idx in np.ndindex(2, 3):
+        ref = nodal_currents(G[idx].numpy(), eye, 2e3, 500.0)  # rows of T are the currents for unit inputs
+        assert _rel_err(T[idx].numpy(), ref) <= 1e-9
+
+
+def test_zero_resistance_gives_ideal_product():
+    G = torch.rand(5, 7, 6, dtype=torch.float64) * 1e-4
+    assert torch.equal(transfer_matrix(G, r_source=0.0, r_sink=0.0), G)
+
+
+def test_parasitics_shrink_currents_and_vanish_as_r_goes_to_zero():
+    torch.manual_seed(0)
+    G = torch.rand(32, 24, dtype=torch.float64) * 4.5e-5 + 5e-6
+    V = torch.rand(4, 32, dtype=torch.float64) * 0.2  # non-negative inputs: every column current > 0
+    ideal = V @ G
+    errors = []
+    for r in [1e4, 1e3, 1e2, 1e1, 1.0, 1e-3]:
+        I = solve(G, V, r_source=r, r_sink=r)
+        assert bool((I < ideal).all()) and bool((I > 0).all())
+        errors.append(float(((ideal - I).abs() / ideal).max()))
+    assert all(b < a for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5), (2, 4, 4)])
+@pytest.mark.parametrize("r_source,r_sink", [(1e3, 2e3), (0.0, 1e3), (1e3, 0.0)])
+def test_gradcheck_transfer_matrix(shape, r_source, r_sink):
+    torch.manual_seed(0)
+    # conductances scaled to ~1/kOhm so that r*G is O(1) and finite differences are well-conditioned
+    G = (torch.rand(*shape, dtype=torch.float64) * 0.9 + 0.1) * 1e-3
+    G.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda g: transfer_matrix(g, r_source=r_source, r_sink=r_sink), (G,))
+
+
+def test_float32_agrees_with_float64():
+    G = torch.rand(3, 64, 48, dtype=torch.float64) * 4.5e-5 + 5e-6
+    T64 = transfer_matrix(G, r_source=1e3, r_sink=1e3)
+    T32 = transfer_matrix(G.float(), r_source=1e3, r_sink=1e3)
+    assert T32.dtype == torch.float32
+    assert float(((T32.double() - T64).abs()).max() / T64.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(r_source=-1.0, r_sink=0.0), "r_source"),
+        (dict(r_source=0.0, r_sink=float("nan")), "r_sink"),
+        (dict(r_source=float("inf"), r_sink=0.0), "r_source"),
+        (dict(r_source=0.0, r_sink=0.0, r_wire=-2.0), "r_wire"),
+    ],
+)
+def test_bad_resistance_raises(kwargs, match):
+    G = torch.full((4, 4), 1e-5)
+    with pytest.raises(ValueError, match=match):
+        transfer_matrix(G, **kwargs)
+
+
+def test_bad_conductance_raises():
+    with pytest.raises(ValueError, match="G must be >= 0"):
+        transfer_matrix(torch.tensor([[1e-5, -1e-6]]), r_source=1.0, r_sink=1.0)
+    with pytest.raises(ValueError, match="G must be finite"):
+        transfer_matrix(torch.tensor([[1e-5, float("nan")]]), r_source=1.0, r_sink=1.0)
+    with pytest.raises(ValueError, match="G must have shape"):
+        transfer_matrix(torch.tensor([1e-5, 1e-5]), r_source=1.0, r_sink=1.0)
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="V must have shape"):
+        solve(torch.full((4, 3), 1e-5), torch.zeros(2, 5), r_source=1.0, r_sink=1.0)

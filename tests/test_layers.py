@@ -1,0 +1,139 @@
+"""Mapping, tiling, chips and the crossbar layers."""
+import pytest
+import torch
+import torch.nn as nn
+
+from xbarflow.crossbar import Chip, CrossbarSpec, conductance_pair, effective_weight, from_tiles, to_tiles
+from xbarflow.nn import XbarConv2d, XbarLinear, convert, set_mode, xbar_mode
+
+
+def test_conductance_pair_differential_and_in_range():
+    W = torch.randn(20, 10)
+    G_pos, G_neg, k = conductance_pair(W, 5e-6, 5e-5)
+    assert float(G_pos.min()) >= 5e-6 - 1e-12 and float(G_pos.max()) <= 5e-5 + 1e-12
+    assert torch.allclose((G_pos - G_neg) / k, W, atol=1e-6)
+    G_pos, G_neg, k = conductance_pair(W, 5e-6, 5e-5, w_max=0.5)
+    assert torch.allclose((G_pos - G_neg) / k, W.clamp(-0.5, 0.5), atol=1e-6)
+
+
+def test_tiles_round_trip_and_padding():
+    G = torch.arange(7 * 5, dtype=torch.float32).reshape(7, 5)
+    tiles = to_tiles(G, 3, 2, pad_value=-1.0)
+    assert tiles.shape == (3, 3, 3, 2)
+    assert torch.equal(tiles[0, 1], G[0:3, 2:4])
+    assert float(tiles[2, 2, 1, 1]) == -1.0  # padding cell
+    assert torch.equal(from_tiles(tiles, 7, 5), G)
+
+
+@pytest.mark.parametrize("mapping", ["separate", "interleaved"])
+def test_tiled_ideal_layer_equals_linear(mapping):
+    torch.manual_seed(0)
+    lin = nn.Linear(784, 500)
+    spec = CrossbarSpec(rows=64, cols=64, mapping=mapping)
+    xl = convert(nn.Sequential(lin), spec)[0]
+    x = torch.randn(32, 784)
+    set_mode(xl, "nominal")  # the full crossbar path with R = 0
+    assert torch.allclose(xl(x), lin(x), atol=1e-5, rtol=1e-5)
+
+
+def test_tiles_use_their_own_circuits():
+    """With parasitics a 784x500 layer on 64x64 tiles equals the per-tile circuits assembled by hand."""
+    torch.manual_seed(0)
+    W = torch.randn(100, 70, dtype=torch.float64)
+    spec = CrossbarSpec(rows=64, cols=32, r_source=1e3, r_sink=1e3)
+    W_eff = effective_weight(W, spec)
+    from xbarflow.crossbar import transfer_matrix
+
+    G_pos, G_neg, k = conductance_pair(W, spec.g_min, spec.g_max)
+    pad = torch.nn.functional.pad
+    G_pos = pad(G_pos, (0, 96 - 70, 0, 128 - 100), value=spec.g_min)
+    G_neg = pad(G_neg, (0, 96 - 70, 0, 128 - 100), value=spec.g_min)
+    ref = torch.zeros(128, 96, dtype=torch.float64)
+    for i in range(2):
+        for j in range(3):
+            sl = (slice(64 * i, 64 * i + 64), slice(32 * j, 32 * j + 32))
+            ref[sl] = (transfer_matrix(G_pos[sl], r_source=1e3, r_sink=1e3)
+                       - transfer_matrix(G_neg[sl], r_source=1e3, r_sink=1e3)) / k
+    assert torch.allclose(W_eff, ref[:100, :70], rtol=1e-10, atol=1e-12)
+
+
+def _mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 10))
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn])
+def test_convert_keeps_outputs_in_ideal_mode(make):
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(5, 1, 8, 8)
+    spec = CrossbarSpec(rows=16, cols=16, r_source=1e3, r_sink=1e3)
+    xmodel = convert(model, spec)
+    n_xbar = sum(isinstance(m, (XbarLinear, XbarConv2d)) for m in xmodel.modules())
+    assert n_xbar == sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules())
+    assert torch.equal(xmodel(x), model(x))
+    # with parasitics the output changes, and R = 0 brings it back (conv path included)
+    with xbar_mode(xmodel, "nominal"):
+        assert not torch.allclose(xmodel(x), model(x), atol=1e-3)
+    ideal_spec_model = convert(model, CrossbarSpec(rows=16, cols=16))
+    set_mode(ideal_spec_model, "nominal")
+    assert torch.allclose(ideal_spec_model(x), model(x), atol=1e-5)
+
+
+def test_chip_reproducible_and_seed_dependent():
+    a = Chip(seed=3, c2c=0.1, d2d=0.2).conductance_factors("fc1", (2, 4, 64, 64))
+    b = Chip(seed=3, c2c=0.1, d2d=0.2).conductance_factors("fc1", (2, 4, 64, 64))
+    c = Chip(seed=4, c2c=0.1, d2d=0.2).conductance_factors("fc1", (2, 4, 64, 64))
+    d = Chip(seed=3, c2c=0.1, d2d=0.2).conductance_factors("fc2", (2, 4, 64, 64))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, d)
+    # statistics: log factors ~ N(log g, d2d) around the chip's global factor
+    logf = a.double().log()
+    assert abs(float(logf.std()) - 0.2) < 0.01
+    assert abs(float(logf.mean()) - torch.log(torch.tensor(Chip(3, 0.1, 0.2).global_factor())).item()) < 0.01
+
+
+def test_chip_mode_changes_output_and_is_cached():
+    torch.manual_seed(0)
+    model = convert(_mlp(), CrossbarSpec(rows=32, cols=32, r_source=500.0, r_sink=500.0))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        set_mode(model, "chip", Chip(seed=1, c2c=0.05, d2d=0.1))
+        y1 = model(x)
+        layer = model[1]
+        cached = layer._cache_weight
+        assert torch.equal(model(x), y1) and layer._cache_weight is cached  # reused, not recomputed
+        set_mode(model, "chip", Chip(seed=2, c2c=0.05, d2d=0.1))
+        assert not torch.allclose(model(x), y1)
+        model[1].weight.add_(0.01)  # a weight update invalidates the cache
+        y3 = model(x)
+        assert layer._cache_weight is not cached
+
+
+def test_training_gradient_flows_through_circuit():
+    torch.manual_seed(0)
+    # a fixed clipping range: the default w_max = max|W| is a (detached) scale, not differentiable
+    model = convert(_mlp().double(), CrossbarSpec(rows=16, cols=16, r_source=1e3, r_sink=1e3, w_max=2.0))
+    set_mode(model, "nominal")
+    x = torch.randn(3, 64, dtype=torch.float64)
+    layer = model[1]
+    W = layer.weight.detach().clone().requires_grad_(True)
+
+    assert torch.autograd.gradcheck(lambda w: effective_weight(w.t(), layer.spec, None, "x") @ torch.ones(32, dtype=torch.float64), (W,))
+    model(x).sum().backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+
+def test_spec_rejects_bad_values():
+    with pytest.raises(ValueError, match="rows"):
+        CrossbarSpec(rows=0)
+    with pytest.raises(ValueError, match="r_source"):
+        CrossbarSpec(r_source=-1.0)
+    with pytest.raises(ValueError, match="g_max must be > g_min"):
+        CrossbarSpec(g_min=1e-4, g_max=1e-5)
+    with pytest.raises(ValueError, match="mapping"):
+        CrossbarSpec(mapping="diagonal")
