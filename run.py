@@ -1,0 +1,42 @@
+"""Entry point: ``python run.py [group=option ...] [key=value ...] [-m]``.
+
+Composes ``conf/`` with Hydra, validates every value, then trains and evaluates one
+configuration per job and logs it to MLflow (see README.md).
+"""
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from xbarflow.config import ConfigError, register_configs
+from xbarflow.data import DatasetUnavailable
+
+register_configs()
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from xbarflow import tracking
+    from xbarflow.pipeline import run_experiment
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        metrics = run_experiment(
+            cfg,
+            output_dir=hc.runtime.output_dir,
+            start_dir=hc.runtime.cwd,
+            parent_run_id=tracking.parent_run_id(hc.sweep.dir) if multirun else None,
+            job_num=hc.job.num if multirun else None,
+            overrides=" ".join(hc.overrides.task),
+        )
+    except (ConfigError, DatasetUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return metrics["test/acc_xbar_mean"]
+
+
+if __name__ == "__main__":
+    main()

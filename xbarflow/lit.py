@@ -1,0 +1,91 @@
+"""Lightning module: trains a converted model in standard or technology-aware mode."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from .crossbar.variation import Chip
+from .nn.convert import set_mode
+
+# Training chips live in their own seed range so they never coincide with evaluation chips.
+TRAIN_CHIP_SEED_BASE = 10**9
+
+
+class CrossbarClassifier(pl.LightningModule):
+    """Classifier whose crossbar layers run ideal (``standard``) or non-ideal (``tech_aware``) in training.
+
+    Args:
+        model: a converted model (:func:`xbarflow.nn.convert`).
+        training: the ``training`` config (mode, optimizer, lr, scheduler, epochs, ...).
+        num_classes: number of classes.
+        make_chip: seed -> chip, or ``None`` when there is no random variation; with
+            ``training.resample_chip`` each step trains on a fresh chip.
+        seed: run seed; step ``n`` trains on the chip with seed
+            ``TRAIN_CHIP_SEED_BASE + seed * 10**6 + n`` (reproducible, resumable).
+    """
+
+    def __init__(self, model: nn.Module, training, num_classes: int,
+                 make_chip: Callable[[int], Optional[Chip]], seed: int = 0):
+        super().__init__()
+        self.model = model
+        self.training_cfg = training
+        self.make_chip = make_chip
+        self.seed = seed
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    @property
+    def tech_aware(self) -> bool:
+        return self.training_cfg.mode == "tech_aware"
+
+    def forward(self, x):
+        return self.model(x)
+
+    def _train_mode(self):
+        if not self.tech_aware:
+            set_mode(self.model, "ideal")
+            return
+        chip = None
+        if self.training_cfg.resample_chip:
+            chip = self.make_chip(TRAIN_CHIP_SEED_BASE + self.seed * 10**6 + self.global_step)
+        set_mode(self.model, "chip", chip) if chip is not None else set_mode(self.model, "nominal")
+
+    def _eval_mode(self):
+        # validation tracks what the mode optimises: the ideal network, or the nominal crossbar
+        set_mode(self.model, "nominal" if self.tech_aware else "ideal")
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._train_mode()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.model(x), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self):
+        self._eval_mode()
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.val_acc.update(self.model(x), y)
+
+    def on_validation_epoch_end(self):
+        # percent, like every accuracy xbarflow logs
+        self.log("val/acc", 100.0 * self.val_acc.compute(), prog_bar=True)
+        self.val_acc.reset()
+
+    def configure_optimizers(self):
+        t = self.training_cfg
+        if t.optimizer == "adam":
+            opt = torch.optim.Adam(self.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        else:
+            opt = torch.optim.SGD(self.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        if t.scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
+            return {"optimizer": opt, "lr_scheduler": sched}
+        return opt

@@ -1,0 +1,247 @@
+"""MLflow tracking: one run per job, a parent run per ``-m`` sweep, and the sweep's summary.
+
+The parent run and the experiment are created once, by a Hydra callback in the
+launching process, before any job starts; the jobs find the parent's id in a file
+in the sweep directory, so jobs in other processes or on other machines (joblib,
+submitit) attach to it as well.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+PARENT_FILE = "mlflow_parent.json"
+SECTION8 = ("test/acc_software", "test/acc_xbar_nominal", "test/acc_xbar_mean", "test/acc_xbar_std", "test/acc_xbar_min")
+
+
+def tracking_uri(logger_cfg, start_dir: Optional[str] = None) -> str:
+    """``logger.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<start dir>/mlflow.db``."""
+    if logger_cfg.tracking_uri:
+        return logger_cfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{os.path.abspath(os.path.join(start_dir or os.getcwd(), 'mlflow.db'))}"
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client, name: str) -> str:
+    """Id of the experiment ``name``, created if missing (safe when two processes race)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def flatten(d: Any, prefix: str = "") -> Dict[str, str]:
+    """Nested config -> ``{"xbar.r_source": "1000.0", ...}`` (lists kept as their string)."""
+    if isinstance(d, dict):
+        out: Dict[str, str] = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: str(d)}
+
+
+def git_commit(cwd: str) -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def log_params(client, run_id: str, params: Dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(client, run_id: str, metrics: Dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[i:i + 1000])
+
+
+def log_text(client, run_id: str, text: str, artifact_file: str) -> None:
+    client.log_text(run_id, text, artifact_file)
+
+
+def log_figure(client, run_id: str, fig, artifact_file: str) -> None:
+    client.log_figure(run_id, fig, artifact_file)
+
+
+def mark_terminated(client, run_id: str, exc: Optional[BaseException]) -> None:
+    """FINISHED, FAILED (error kept as a tag) or KILLED (interrupt / SIGTERM)."""
+    if exc is None:
+        client.set_terminated(run_id, "FINISHED")
+        return
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        status = "KILLED"
+    else:
+        status = "FAILED"
+    try:
+        client.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+    finally:
+        client.set_terminated(run_id, status)
+
+
+# ---------------------------------------------------------------- sweeps
+def parent_run_id(sweep_dir: str) -> Optional[str]:
+    path = Path(sweep_dir) / PARENT_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["run_id"]
+
+
+def _parse_overrides(text: str) -> Dict[str, str]:
+    out = {}
+    for item in filter(None, text.split(" ")):
+        if "=" in item:
+            k, v = item.split("=", 1)
+            out[k.lstrip("+~")] = v
+    return out
+
+
+def sweep_table(client, parent_id: str) -> List[Dict[str, Any]]:
+    """One row per child run: its job number, status, swept values and section-8 accuracies."""
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=10000)
+    rows = []
+    for r in runs:
+        row: Dict[str, Any] = {"job": int(r.data.tags.get("job_num", -1)), "status": r.info.status}
+        row.update(_parse_overrides(r.data.tags.get("overrides", "")))
+        for m in SECTION8:
+            row[m] = r.data.metrics.get(m, float("nan"))
+        if r.info.status == "FAILED":
+            row["error"] = r.data.tags.get("error", "")[:80]
+        rows.append(row)
+    rows.sort(key=lambda r: r["job"])
+    return rows
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    """A markdown table (readable in a terminal and in the MLflow artifact view)."""
+    if not rows:
+        return "(no jobs)"
+    cols: List[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+
+    def fmt(v):
+        if isinstance(v, float):
+            return "" if math.isnan(v) else f"{v:.2f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(c.replace("test/", "") for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def sweep_figure(rows: List[Dict[str, Any]]):
+    """Crossbar accuracy against the first swept parameter, one line per combination of the others."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    swept = [k for k in rows[0] if k not in ("job", "status", "error") and not k.startswith("test/")] if rows else []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if not swept:
+        ax.text(0.5, 0.5, "no swept parameter", ha="center")
+        return fig
+    x_key, others = swept[0], swept[1:]
+
+    def num(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return v
+
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(", ".join(f"{k}={r.get(k)}" for k in others) or "crossbar", []).append(r)
+    for label, rs in groups.items():
+        rs = sorted(rs, key=lambda r: (isinstance(num(r[x_key]), str), num(r[x_key])))
+        xs = [str(r[x_key]) if isinstance(num(r[x_key]), str) else num(r[x_key]) for r in rs]
+        mean = [r["test/acc_xbar_mean"] for r in rs]
+        lo = [r["test/acc_xbar_min"] for r in rs]
+        line, = ax.plot(xs, mean, "o-", label=f"{label} (mean over chips)")
+        ax.plot(xs, lo, "v:", color=line.get_color(), alpha=0.7, label=f"{label} (min)")
+        ax.plot(xs, [r["test/acc_software"] for r in rs], "--", color=line.get_color(), alpha=0.4,
+                label=f"{label} (software)")
+    ax.set_xlabel(x_key)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+class MlflowSweepCallback(Callback):
+    """Hydra callback: a parent MLflow run around every ``-m`` sweep, and its summary at the end."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        uri = tracking_uri(config.logger, config.hydra.runtime.cwd)
+        client = client_for(uri)
+        exp_id = experiment_id(client, config.logger.experiment_name)
+        overrides = " ".join(config.hydra.overrides.task)
+        run = client.create_run(exp_id, run_name=f"sweep {Path(sweep_dir).name}",
+                                tags={"sweep": "parent", "overrides": overrides, "sweep_dir": str(sweep_dir)})
+        (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri,
+                                                         "experiment_id": exp_id}))
+        self._client, self._run_id = client, run.info.run_id
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        client = getattr(self, "_client", None)
+        if client is None:
+            return
+        rows = sweep_table(client, self._run_id)
+        table = format_table(rows)
+        print("\nSweep summary (accuracy in %):\n" + table, flush=True)
+        log_text(client, self._run_id, table + "\n", "sweep_summary.md")
+        csv = io.StringIO()
+        cols: List[str] = []
+        for r in rows:
+            cols += [k for k in r if k not in cols]
+        csv.write(",".join(cols) + "\n")
+        for r in rows:
+            csv.write(",".join(str(r.get(c, "")) for c in cols) + "\n")
+        log_text(client, self._run_id, csv.getvalue(), "sweep_summary.csv")
+        if rows:
+            fig = sweep_figure(rows)
+            log_figure(client, self._run_id, fig, "sweep_accuracy.png")
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+        failed = sum(r["status"] == "FAILED" for r in rows)
+        client.set_tag(self._run_id, "n_jobs", str(len(rows)))
+        client.set_tag(self._run_id, "n_failed", str(failed))
+        client.set_terminated(self._run_id, "FINISHED" if not failed else "FAILED")
