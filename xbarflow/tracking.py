@@ -142,6 +142,13 @@ def sweep_table(client, parent_id: str) -> List[Dict[str, Any]]:
             row["error"] = r.data.tags.get("error", "")[:80]
         rows.append(row)
     rows.sort(key=lambda r: r["job"])
+    # keep only the overrides that differ between jobs: those are the swept parameters
+    fixed = [k for k in {k for r in rows for k in r} if k not in ("job", "status", "error")
+             and not k.startswith("test/") and len({str(r.get(k)) for r in rows}) == 1]
+    if len(rows) > 1:
+        for r in rows:
+            for k in fixed:
+                r.pop(k, None)
     return rows
 
 

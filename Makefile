@@ -1,0 +1,38 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh machine:
+# they create .venv (if missing) and install the project with pinned torch wheels.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.xbarflow-installed
+
+.PHONY: install demo test test-slow bench ui clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,sweep]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# One technology-aware run of the default config (FCN 784-500-10 on the embedded
+# 5,000-image MNIST subset, RRAM, 64x64 tiles, paper non-idealities), logged to ./mlflow.db.
+demo: install
+	$(PY) run.py
+
+# The test suite (slow tests excluded; about 5-10 minutes on 2 cores).
+test: install
+	$(PY) -m pytest -q
+
+# Long tests too (parallel-sweep race repetitions, ngspice on larger arrays, ...).
+test-slow: install
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: install
+	$(PY) scripts/bench_crossbar.py
+	$(PY) scripts/bench_wire.py
+
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
+
+clean:
+	rm -rf outputs multirun mlruns .pytest_cache
