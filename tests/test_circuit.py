@@ -100,3 +100,25 @@ def test_bad_conductance_raises():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="V must have shape"):
         solve(torch.full((4, 3), 1e-5), torch.zeros(2, 5), r_source=1.0, r_sink=1.0)
+
+
+@torch.random.fork_rng()  # keep the global RNG stream of the other tests as it was
+def test_transfer_columns_and_apply_transfer_match_explicit_and_gradcheck():
+    """The Cholesky-factor paths (few used columns; small input batch) equal the explicit T, gradients included."""
+    from xbarflow.crossbar.circuit import apply_transfer, transfer_columns
+
+    torch.manual_seed(0)
+    G = ((torch.rand(2, 3, 7, 5, dtype=torch.float64) * 0.9 + 0.1) * 1e-3).requires_grad_(True)
+    T = transfer_matrix(G, r_source=1e3, r_sink=2e3)
+    assert torch.allclose(transfer_columns(G, 2, r_source=1e3, r_sink=2e3), T[..., :2], rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(lambda g: transfer_columns(g, 2, r_source=1e3, r_sink=2e3), (G,))
+    # U broadcasts over the first batch dimension (a grid row of tiles shares its inputs)
+    U = torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(apply_transfer(U, G, r_source=1e3, r_sink=2e3), U @ T, rtol=1e-12, atol=1e-20)
+    assert torch.autograd.gradcheck(lambda u, g: apply_transfer(u, g, r_source=1e3, r_sink=2e3), (U, G))
+    # and the gradients agree with autograd through the explicit T
+    w = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    ga = torch.autograd.grad((apply_transfer(U, G, r_source=1e3, r_sink=2e3) * w).sum(), (U, G))
+    gb = torch.autograd.grad(((U @ transfer_matrix(G, r_source=1e3, r_sink=2e3)) * w).sum(), (U, G))
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, rtol=1e-10, atol=1e-30)

@@ -203,3 +203,141 @@ def solve(G: torch.Tensor, V: torch.Tensor, *, r_source: float, r_sink: float, r
         raise ValueError("V must be finite (found NaN or inf)")
     T = transfer_matrix(G, r_source=r_source, r_sink=r_sink, r_wire=r_wire)
     return V @ T
+
+
+# ---------------------------------------------------------------------------
+# Low-rank paths: the same exact circuit, evaluated through the Cholesky factor
+# of B without ever forming B^-1 or the full T. They pay off when only a few
+# columns of T are used (padded tiles) or when T is only ever applied to a
+# small batch of inputs (a training forward with batch < cols). Both require
+# ``cols <= rows`` (the cols x cols system) and ``r_source, r_sink > 0``; callers
+# fall back to :func:`transfer_matrix` otherwise.
+# ---------------------------------------------------------------------------
+
+
+def _cols_system(G: torch.Tensor, r_source: float, r_sink: float):
+    """``(a, s, L)`` of the ``cols x cols`` system: row factors a, s and ``B = L L^T``."""
+    a = 1.0 / (1.0 + r_source * G.sum(-1))
+    s = r_source * a
+    # Only the lower triangle of B is read by the Cholesky factorisation, so the
+    # Gram product is not symmetrised; the diagonal is added in place.
+    B = (G.mT @ (s.unsqueeze(-1) * G)).mul_(-r_sink)
+    B.diagonal(dim1=-2, dim2=-1).add_(G.sum(-2), alpha=r_sink).add_(1.0)
+    L, info = torch.linalg.cholesky_ex(B)
+    if bool((info != 0).any()):
+        raise ValueError(
+            "crossbar system is not positive definite: conductances or resistances are "
+            "too extreme for this precision (try float64)"
+        )
+    return a, s, L
+
+
+def _grad_factored(G, a, s, L, Lf, Xr, F1, r_source, r_sink):
+    """Gradient w.r.t. G of ``<Gamma, T>`` for a rank-r cotangent ``Gamma = Lf Rf^T``.
+
+    With ``X = B^-1``, ``H = G X`` and ``T = diag(a) G X`` (see ``_TransferCols``):
+    ``dL/dB = P = -X G^T diag(a) Gamma X = -F1 Xr^T`` with ``Xr = X Rf`` and
+    ``F1 = X G^T diag(a) Lf``. Every term is then a product with inner size r,
+    so the cost is ``O(rows * cols * r)`` instead of ``O(rows * cols^2)``.
+
+    Shapes: G ``(..., R, n)``; a, s ``(..., R)``; Lf ``(..., R, r)``; Xr, F1 ``(..., n, r)``.
+    Returns ``(grad_G, GXr)`` where ``GXr = G Xr`` (reused for input gradients).
+    """
+    rs, rk = r_source, r_sink
+    GXr = G @ Xr
+    GF1 = G @ F1
+    # d<Gamma, T>/da (direct) = rowsum(Gamma o H) = rowsum(Lf o G X Rf)
+    grad_a = (Lf * GXr).sum(-1)
+    # through s: rowsum((G Q) o G) with G Q = (rk/2)(GF1 Xr^T + GXr F1^T) collapses to rk rowsum(GF1 o GXr)
+    grad_a = grad_a + (rs * rk) * (GF1 * GXr).sum(-1)
+    grad_r = (-rs) * a * a * grad_a
+    # diag(P) for the column sums c (dB/dc = rk I)
+    grad_c = (-rk) * (F1 * Xr).sum(-1)
+    rk_s = (rk * s).unsqueeze(-1)
+    grad_G = (a.unsqueeze(-1) * Lf + rk_s * GF1) @ Xr.mT
+    # in place: each pass over a rows x cols gradient costs as much as a small product
+    grad_G.add_((rk_s * GXr) @ F1.mT).add_(grad_c.unsqueeze(-2)).add_(grad_r.unsqueeze(-1))
+    return grad_G, GXr
+
+
+class _TransferColumns(torch.autograd.Function):
+    """The first ``u`` columns of T through Cholesky solves (padded tiles use few columns)."""
+
+    @staticmethod
+    def forward(ctx, G, r_source, r_sink, u):
+        a, s, L = _cols_system(G, r_source, r_sink)
+        n = G.shape[-1]
+        E = torch.eye(n, u, dtype=G.dtype, device=G.device).expand(*G.shape[:-2], n, u)
+        Xu = torch.cholesky_solve(E, L)                       # B^-1 E, (..., n, u)
+        T = (a.unsqueeze(-1) * G) @ Xu
+        ctx.r = (r_source, r_sink)
+        ctx.save_for_backward(G, a, s, L, Xu)
+        return T
+
+    @staticmethod
+    def backward(ctx, grad_T):
+        G, a, s, L, Xu = ctx.saved_tensors
+        # Gamma = grad_T E^T: Lf = grad_T, Rf = E, so Xr = X E = Xu
+        F1 = torch.cholesky_solve(G.mT @ (a.unsqueeze(-1) * grad_T), L)
+        grad_G, _ = _grad_factored(G, a, s, L, grad_T, Xu, F1, *ctx.r)
+        return grad_G, None, None, None
+
+
+class _ApplyTransfer(torch.autograd.Function):
+    """``Y = U T = U diag(a) G B^-1`` without forming T (inputs ``U`` of a small batch)."""
+
+    @staticmethod
+    def forward(ctx, U, G, r_source, r_sink):
+        a, s, L = _cols_system(G, r_source, r_sink)
+        Z = U @ (a.unsqueeze(-1) * G)                         # (..., m, n)
+        Y = torch.cholesky_solve(Z.mT, L).mT                  # Z B^-1
+        ctx.r = (r_source, r_sink)
+        ctx.save_for_backward(U, G, a, s, L, Y)
+        return Y
+
+    @staticmethod
+    def backward(ctx, grad_Y):
+        U, G, a, s, L, Y = ctx.saved_tensors
+        # Gamma = U^T grad_Y: Lf = U^T, Rf = grad_Y^T; F1 = X G^T diag(a) U^T = Y^T (forward output)
+        Xr = torch.cholesky_solve(grad_Y.mT, L)
+        grad_G, GXr = _grad_factored(G, a, s, L, U.mT, Xr, Y.mT, *ctx.r)
+        grad_U = None
+        if ctx.needs_input_grad[0]:
+            # dL/dU = grad_Y T^T = grad_Y X G^T diag(a) = (G Xr)^T diag(a)
+            grad_U = (a.unsqueeze(-1) * GXr).mT.sum_to_size(U.shape)  # U may broadcast over tiles
+        return grad_U, grad_G, None, None
+
+
+def transfer_columns(G: torch.Tensor, u: int, *, r_source: float, r_sink: float) -> torch.Tensor:
+    """``transfer_matrix(G, ...)[..., :u]`` computed without the unused columns (no input checks).
+
+    Args:
+        G: conductances in siemens, ``(..., rows, cols)`` with ``cols <= rows``.
+        u: number of leading columns wanted, ``1 <= u <= cols``.
+        r_source, r_sink: resistances in ohm, both ``> 0``.
+
+    Returns:
+        ``T[..., :u]`` in siemens, shape ``(..., rows, u)``; exact, differentiable in G.
+        Cost ``O(rows cols^2)`` for the Gram product plus ``O(cols^2 u + rows cols u)``,
+        against ``O(rows cols^2 + cols^3)`` more for the full T.
+    """
+    assert G.shape[-1] <= G.shape[-2] and r_source > 0 and r_sink > 0 and 1 <= u <= G.shape[-1]
+    return _TransferColumns.apply(G, float(r_source), float(r_sink), int(u))
+
+
+def apply_transfer(U: torch.Tensor, G: torch.Tensor, *, r_source: float, r_sink: float) -> torch.Tensor:
+    """``U @ transfer_matrix(G, ...)`` without forming T (no input checks).
+
+    Args:
+        U: row inputs, ``(..., m, rows)`` (any unit; the result is linear in U).
+        G: conductances in siemens, ``(..., rows, cols)`` with ``cols <= rows``;
+            leading dimensions broadcast against U's.
+        r_source, r_sink: resistances in ohm, both ``> 0``.
+
+    Returns:
+        ``U T``, shape ``(..., m, cols)``; exact, differentiable in U and G. Every
+        product has inner size ``m`` (besides the Gram product and the Cholesky
+        factorisation), which is cheaper than the explicit T when ``m < cols``.
+    """
+    assert G.shape[-1] <= G.shape[-2] and r_source > 0 and r_sink > 0
+    return _ApplyTransfer.apply(U, G, float(r_source), float(r_sink))

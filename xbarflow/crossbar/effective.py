@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .circuit import transfer_matrix
+from .circuit import apply_transfer, check_conductance, transfer_columns, transfer_matrix
 from .mapping import conductance_pair, deinterleave_difference, interleave_columns
 from .spec import CrossbarSpec
 from .tiling import from_tiles, to_tiles
@@ -58,10 +58,88 @@ def effective_weight(
     G, k = physical_arrays(W, spec)
     if chip is not None:
         G = chip.apply(G, name)
-    T = transfer_matrix(G, r_source=spec.r_source, r_sink=spec.r_sink, r_wire=spec.r_wire)
+    out_cols = 2 * fan_out if spec.mapping == "interleaved" else fan_out
+    T = _tiles_transfer(G, spec, out_cols)
     if spec.mapping == "interleaved":
         T = deinterleave_difference(from_tiles(T, fan_in, 2 * fan_out))
     else:
         T = from_tiles(T, fan_in, fan_out)
         T = T[0] - T[1]
     return T / k
+
+
+def _low_rank_ok(spec: CrossbarSpec) -> bool:
+    """The Cholesky-factor paths of :mod:`.circuit` apply (no wire, both resistances, cols <= rows)."""
+    return spec.r_wire == 0.0 and spec.r_source > 0.0 and spec.r_sink > 0.0 and spec.cols <= spec.rows
+
+
+def _tiles_transfer(G: torch.Tensor, spec: CrossbarSpec, out_cols: int) -> torch.Tensor:
+    """Transfer matrices of tiles ``(..., n_r, n_c, rows, cols)``; the padded columns of the
+    last grid column may be left out (their outputs are dropped by ``from_tiles``).
+
+    When the last grid column uses few of its columns (a 500x10 layer on a 784x500
+    array uses 10 of 500), its tiles go through :func:`transfer_columns`, which skips
+    the inverse and the unused columns: exact, and ``O(cols^3)`` cheaper per tile.
+    """
+    n_c, cols = G.shape[-3], G.shape[-1]
+    used = out_cols - (n_c - 1) * cols
+    # below ~cols/4 used columns the saved inverse and full product outweigh the solves
+    if not (_low_rank_ok(spec) and 4 * used <= cols):
+        return transfer_matrix(G, r_source=spec.r_source, r_sink=spec.r_sink, r_wire=spec.r_wire)
+    check_conductance("G", G)
+    last = transfer_columns(G[..., n_c - 1:, :, :], used, r_source=spec.r_source, r_sink=spec.r_sink)
+    last = torch.nn.functional.pad(last, (0, cols - used))  # dropped by from_tiles
+    if n_c == 1:
+        return last
+    full = transfer_matrix(G[..., : n_c - 1, :, :], r_source=spec.r_source, r_sink=spec.r_sink)
+    return torch.cat((full, last), dim=-3)
+
+
+def fused_is_cheaper(batch: int, spec: CrossbarSpec, fan_out: int) -> bool:
+    """Whether :func:`effective_apply` beats ``x @ effective_weight(...)`` for ``batch`` inputs.
+
+    The fused path's products have inner size ``batch`` where the explicit path's have
+    the number of used columns (``cols``, or fewer for a narrow layer, see
+    :func:`_tiles_transfer`). Its Cholesky solves run in LAPACK, which on CPU is slow
+    for batches of small tiles, so it is used only for large tiles and a batch well
+    below the used width.
+    """
+    out_cols = 2 * fan_out if spec.mapping == "interleaved" else fan_out
+    return _low_rank_ok(spec) and spec.cols >= 128 and 2 * batch <= min(spec.cols, out_cols)
+
+
+def effective_apply(
+    x: torch.Tensor, W: torch.Tensor, spec: CrossbarSpec, chip: Optional[Chip] = None, name: str = ""
+) -> torch.Tensor:
+    """``x @ effective_weight(W, spec, chip, name)`` without forming the effective weight.
+
+    Args:
+        x: inputs, shape ``(batch, fan_in)``.
+        W: software weights, shape ``(fan_in, fan_out)``.
+
+    Returns:
+        ``(batch, fan_out)``: the crossbar's rescaled differential output. Exact (the
+        same circuit, evaluated through each tile's Cholesky factor); differentiable
+        in x and W. Needs ``_low_rank_ok(spec)``; worth it when
+        :func:`fused_is_cheaper` says so (training steps on large tiles).
+    """
+    if not _low_rank_ok(spec):
+        raise ValueError("effective_apply needs r_wire = 0, r_source > 0, r_sink > 0 and cols <= rows")
+    fan_in, fan_out = W.shape
+    batch = x.shape[0]
+    G, k = physical_arrays(W, spec)
+    if chip is not None:
+        G = chip.apply(G, name)
+    check_conductance("G", G)
+    n_r, n_c, rows, cols = G.shape[-4:]
+    # inputs of padded rows are 0 V
+    xp = torch.nn.functional.pad(x, (0, n_r * rows - fan_in)) if n_r * rows != fan_in else x
+    U = xp.reshape(batch, n_r, rows).transpose(0, 1).unsqueeze(1)          # (n_r, 1, batch, rows)
+    Y = apply_transfer(U, G, r_source=spec.r_source, r_sink=spec.r_sink)   # (..., n_r, n_c, batch, cols)
+    Y = Y.sum(-4)                                                          # tiles sharing outputs add up
+    Y = Y.transpose(-3, -2).reshape(*Y.shape[:-3], batch, n_c * cols)
+    if spec.mapping == "interleaved":
+        Y = deinterleave_difference(Y[..., : 2 * fan_out])
+    else:
+        Y = Y[0, :, :fan_out] - Y[1, :, :fan_out]
+    return Y / k

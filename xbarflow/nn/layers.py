@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..crossbar.effective import effective_weight
+from ..crossbar.effective import effective_apply, effective_weight, fused_is_cheaper
 from ..crossbar.spec import CrossbarSpec
 from ..crossbar.variation import Chip
 
@@ -49,13 +49,17 @@ class _XbarMixin:
         """Software weight as ``(fan_in, fan_out)``."""
         return self.weight.reshape(self.weight.shape[0], -1).t()
 
+    def _training_through_circuit(self) -> bool:
+        """Gradients must flow through the circuit (recompute, never cache)."""
+        return self.mode != "ideal" and torch.is_grad_enabled() and self.weight.requires_grad
+
     def effective_weight_matrix(self) -> torch.Tensor:
         """Effective weight ``(fan_in, fan_out)`` of the current mode (cached outside autograd)."""
         W = self._weight_matrix()
         if self.mode == "ideal":
             return W
         chip = self.chip if self.mode == "chip" else None
-        if torch.is_grad_enabled() and self.weight.requires_grad:
+        if self._training_through_circuit():
             return effective_weight(W, self.spec, chip, self.xbar_name)
         # An in-place optimizer step bumps the version counter, so the key changes
         # exactly when the weight does.
@@ -86,6 +90,16 @@ class XbarLinear(_XbarMixin, nn.Linear):
         if self.mode == "ideal":
             return F.linear(x, self.weight, self.bias)
         # bias is added digitally, after the array
+        if self._training_through_circuit():
+            batch = x.numel() // self.in_features if self.in_features else 0
+            if batch > 0 and fused_is_cheaper(batch, self.spec, self.out_features):
+                # Training on large tiles with a small batch: apply the circuit to x
+                # directly (exact, cheaper than forming the effective weight).
+                chip = self.chip if self.mode == "chip" else None
+                y = effective_apply(x.reshape(batch, self.in_features), self._weight_matrix(), self.spec,
+                                    chip, self.xbar_name)
+                y = y.reshape(*x.shape[:-1], self.out_features)
+                return y + self.bias if self.bias is not None else y
         return F.linear(x, self.effective_weight_matrix().t(), self.bias)
 
 
