@@ -9,6 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from xbarflow.config import ConfigError, register_configs
 from xbarflow.data import DatasetUnavailable
@@ -33,8 +34,23 @@ def main(cfg: DictConfig) -> float:
             overrides=" ".join(hc.overrides.task),
         )
     except (ConfigError, DatasetUnavailable) as e:
+        # bad input: one line, no MLflow run was created
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        if not multirun:
+            sys.exit(2)
+        tracking.record_failure(hc.sweep.dir, hc.job.num, " ".join(hc.overrides.task), f"rejected: {e}")
+        return float("nan")
+    except Exception as e:
+        if not multirun:
+            raise
+        # the run is already marked FAILED in MLflow; let the other jobs of the sweep go on
+        print(f"error: job {hc.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        tracking.record_failure(hc.sweep.dir, hc.job.num, " ".join(hc.overrides.task), f"{type(e).__name__}: {e}")
+        return float("nan")
+    except SIGTERMException:
+        # pre-emption: the run is marked KILLED and checkpointed; resume=true continues it
+        print("interrupted by SIGTERM: run marked KILLED; rerun with resume=true to continue", file=sys.stderr)
+        sys.exit(143)
     return metrics["test/acc_xbar_mean"]
 
 

@@ -47,6 +47,7 @@ class DatasetConfig:
     split_seed: int = 0
     num_workers: int = rf(0, ge=0)
     subset: Optional[int] = rf(None, ge=1)       # keep only the first N training images (quick runs)
+    files: Optional[str] = None                  # mnist / fashion_mnist: a folder of IDX files (*-idx?-ubyte[.gz])
 
 
 @dataclass
@@ -107,6 +108,8 @@ class TrainerConfig:
     log_every_n_steps: int = rf(10, ge=1)
     enable_progress_bar: bool = True
     deterministic: bool = True
+    # extra Lightning callbacks, each a dict with `_target_` (instantiated by Hydra)
+    callbacks: List[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -136,6 +139,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     run_name: Optional[str] = None
+    resume: bool = False                         # continue the run in hydra.run.dir from its last checkpoint
 
 
 GROUP_SCHEMAS = {

@@ -13,7 +13,7 @@ from typing import Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Sampler, TensorDataset
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -54,10 +54,14 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
+        if data[:2] != b"\x00\x00" or data[2] != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
         ndim = data[3]
         dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
         arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
         return arr.reshape(dims)
+    except DatasetUnavailable:
+        raise
     except Exception as e:
         raise DatasetUnavailable(f"corrupt dataset file {path}: {type(e).__name__}: {e}") from None
 
@@ -76,13 +80,21 @@ def _digits():
     return _as_images(d.data / 16.0, (1, 8, 8)), torch.as_tensor(d.target, dtype=torch.long)
 
 
-def _fashion_debian():
+def _idx_folder(folder: Path):
+    """MNIST-format IDX files (``train-images-idx3-ubyte[.gz]`` ...) from a folder."""
+
+    def find(stem):
+        for name in (f"{stem}.gz", stem):
+            if (folder / name).exists():
+                return folder / name
+        raise DatasetUnavailable(f"dataset file {folder / stem}[.gz] is missing")
+
     def load(prefix):
-        xs = _read_idx(DEBIAN_FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz")
-        ys = _read_idx(DEBIAN_FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz")
-        if len(xs) != len(ys):
-            raise DatasetUnavailable(f"corrupt Fashion-MNIST files in {DEBIAN_FASHION_MNIST}: image/label counts differ")
-        return _as_images(xs / 255.0, (1, 28, 28)), torch.as_tensor(ys.astype(np.int64))
+        xs = _read_idx(find(f"{prefix}-images-idx3-ubyte"))
+        ys = _read_idx(find(f"{prefix}-labels-idx1-ubyte"))
+        if xs.ndim != 3 or ys.ndim != 1 or len(xs) != len(ys):
+            raise DatasetUnavailable(f"corrupt dataset files in {folder}: images {xs.shape}, labels {ys.shape}")
+        return _as_images(xs / 255.0, (1, *xs.shape[1:])), torch.as_tensor(ys.astype(np.int64))
 
     return load("train"), load("t10k")
 
@@ -123,8 +135,12 @@ def build_datasets(cfg) -> DataSplits:
         val_f = cfg.val_fraction
         (x_test, y_test), (x_val, y_val), (x_train, y_train) = _split(x, y, [test_f, val_f, 1.0], cfg.split_seed)
     else:
-        if name == "fashion_mnist" and (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
-            (x, y), (x_test, y_test) = _fashion_debian()
+        if cfg.files:
+            if name not in ("mnist", "fashion_mnist"):
+                raise DatasetUnavailable(f"dataset.files is for mnist and fashion_mnist (got dataset {name})")
+            (x, y), (x_test, y_test) = _idx_folder(Path(cfg.files))
+        elif name == "fashion_mnist" and (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+            (x, y), (x_test, y_test) = _idx_folder(DEBIAN_FASHION_MNIST)
         else:
             (x, y), (x_test, y_test) = _torchvision(name, cfg.root, cfg.download)
         (x_val, y_val), (x_train, y_train) = _split(x, y, [cfg.val_fraction, 1.0], cfg.split_seed)
@@ -133,3 +149,24 @@ def build_datasets(cfg) -> DataSplits:
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     return DataSplits(TensorDataset(x_train, y_train), TensorDataset(x_val, y_val), TensorDataset(x_test, y_test),
                       tuple(x_train.shape[1:]), num_classes)
+
+
+class EpochShuffleSampler(Sampler):
+    """A shuffle that depends only on ``(seed, epoch)``.
+
+    A run resumed from a checkpoint at an epoch boundary then sees exactly the
+    batches the uninterrupted run saw (Lightning calls ``set_epoch``).
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())

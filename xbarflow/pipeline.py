@@ -1,6 +1,7 @@
 """One run: config -> dataset + converted model -> training -> evaluation -> MLflow."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Dict, Optional
@@ -11,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from . import tracking
 from .config import validate
-from .data import build_datasets
+from .data import EpochShuffleSampler, build_datasets
 from .evaluation import evaluate
 from .hardware import crossbar_spec, make_chip
 from .lit import CrossbarClassifier
@@ -50,6 +51,7 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
         The section-8 metrics (accuracies in percent).
     """
     import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
     from pytorch_lightning.loggers import MLFlowLogger
 
     typed = validate(cfg)
@@ -66,35 +68,56 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
 
     module = CrossbarClassifier(xmodel, typed.training, data.num_classes, chip, seed=typed.seed)
     bs = typed.training.batch_size
-    gen = torch.Generator().manual_seed(typed.seed)
     nw = typed.dataset.num_workers
-    train_loader = DataLoader(data.train, batch_size=bs, shuffle=True, generator=gen, num_workers=nw)
+    train_loader = DataLoader(data.train, batch_size=bs, sampler=EpochShuffleSampler(len(data.train), typed.seed),
+                              num_workers=nw)
     val_loader = DataLoader(data.val, batch_size=typed.eval.batch_size, num_workers=nw)
     test_loader = DataLoader(data.test, batch_size=typed.eval.batch_size, num_workers=nw)
 
+    import hydra.utils
+
+    extra_callbacks = [hydra.utils.instantiate(c) for c in cfg.trainer.callbacks]
+    out = Path(output_dir)
+    ckpt_dir, run_file = out / "checkpoints", out / "mlflow_run.json"
     uri = tracking.tracking_uri(typed.logger, start_dir)
     client = tracking.client_for(uri)
-    exp_id = tracking.experiment_id(client, typed.logger.experiment_name)
-    tags = {
-        "training": typed.training.mode, "hardware": typed.hardware.name, "nonideality": typed.nonideality.name,
-        "dataset": typed.dataset.name, "model": typed.model.arch, "overrides": overrides,
-        "output_dir": str(output_dir),
-    }
-    commit = tracking.git_commit(start_dir or os.getcwd())
-    if commit:
-        tags["git_commit"] = commit
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    if job_num is not None:
-        tags["job_num"] = str(job_num)
-    run_name = typed.run_name or (overrides or f"{typed.training.mode}-{typed.hardware.name}")
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
-    run_id = run.info.run_id
+    run_id, resume_ckpt = None, None
+    if typed.resume:
+        # continue the same MLflow run from the last end-of-epoch checkpoint: mid-epoch
+        # state cannot be restored exactly with plain dataloaders, an epoch boundary can
+        if run_file.exists():
+            run_id = json.loads(run_file.read_text())["run_id"]
+        if (ckpt_dir / "last.ckpt").exists():
+            resume_ckpt = str(ckpt_dir / "last.ckpt")
+        print(f"resume: run {run_id or '(new)'} from {resume_ckpt or 'the start'}", flush=True)
+    if run_id is None:
+        exp_id = tracking.experiment_id(client, typed.logger.experiment_name)
+        tags = {
+            "training": typed.training.mode, "hardware": typed.hardware.name, "nonideality": typed.nonideality.name,
+            "dataset": typed.dataset.name, "model": typed.model.arch, "overrides": overrides,
+            "output_dir": str(output_dir),
+        }
+        commit = tracking.git_commit(start_dir or os.getcwd())
+        if commit:
+            tags["git_commit"] = commit
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        if job_num is not None:
+            tags["job_num"] = str(job_num)
+        run_name = typed.run_name or (overrides or f"{typed.training.mode}-{typed.hardware.name}")
+        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        out.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+        fresh = True
+    else:
+        client.update_run(run_id, "RUNNING")
+        fresh = False
     exc: Optional[BaseException] = None
     try:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        tracking.log_params(client, run_id, tracking.flatten(resolved))
-        tracking.log_text(client, run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        if fresh:
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            tracking.log_params(client, run_id, tracking.flatten(resolved))
+            tracking.log_text(client, run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         logger = MLFlowLogger(experiment_name=typed.logger.experiment_name, tracking_uri=uri, run_id=run_id)
         tc = typed.trainer
         trainer = pl.Trainer(
@@ -104,8 +127,16 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
             log_every_n_steps=tc.log_every_n_steps, enable_progress_bar=tc.enable_progress_bar,
             deterministic=tc.deterministic, logger=logger, default_root_dir=str(output_dir),
             enable_model_summary=False,
+            callbacks=[
+                # save_top_k=1 without a monitor keeps the newest epoch; Lightning writes last.ckpt only
+                # alongside a top-k save
+                ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch}", save_last=True, save_top_k=1, every_n_epochs=1),
+                # SIGTERM (SLURM pre-emption) and Ctrl-C: keep the interrupted state for inspection
+                OnExceptionCheckpoint(dirpath=str(ckpt_dir), filename="interrupted"),
+                *extra_callbacks,
+            ],
         )
-        trainer.fit(module, train_loader, val_loader)
+        trainer.fit(module, train_loader, val_loader, ckpt_path=resume_ckpt)
         metrics, per_chip = evaluate(
             xmodel, test_loader, num_classes=data.num_classes, n_chips=typed.eval.n_chips,
             chip_seed=typed.eval.chip_seed, make_chip=chip, device=module.device,

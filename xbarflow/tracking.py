@@ -12,6 +12,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -20,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 PARENT_FILE = "mlflow_parent.json"
+FAILURES_FILE = "failed_jobs.jsonl"
 SECTION8 = ("test/acc_software", "test/acc_xbar_nominal", "test/acc_xbar_mean", "test/acc_xbar_std", "test/acc_xbar_min")
 
 
@@ -118,6 +120,20 @@ def parent_run_id(sweep_dir: str) -> Optional[str]:
     return json.loads(path.read_text())["run_id"]
 
 
+def record_failure(sweep_dir: str, job_num: int, overrides: str, error: str) -> None:
+    """Append a failed job to the sweep's failure list (one JSON line; appends are atomic)."""
+    line = json.dumps({"job": job_num, "overrides": overrides, "error": error[:500]}) + "\n"
+    with open(Path(sweep_dir) / FAILURES_FILE, "a") as f:
+        f.write(line)
+
+
+def recorded_failures(sweep_dir: str) -> List[Dict[str, Any]]:
+    path = Path(sweep_dir) / FAILURES_FILE
+    if not path.exists():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
 def _parse_overrides(text: str) -> Dict[str, str]:
     out = {}
     for item in filter(None, text.split(" ")):
@@ -127,8 +143,11 @@ def _parse_overrides(text: str) -> Dict[str, str]:
     return out
 
 
-def sweep_table(client, parent_id: str) -> List[Dict[str, Any]]:
-    """One row per child run: its job number, status, swept values and section-8 accuracies."""
+def sweep_table(client, parent_id: str, sweep_dir: Optional[str] = None) -> List[Dict[str, Any]]:
+    """One row per job: its number, status, swept values and section-8 accuracies.
+
+    Jobs rejected before they created a run (bad values) come from the sweep's failure list.
+    """
     parent = client.get_run(parent_id)
     runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
                               max_results=10000)
@@ -141,6 +160,13 @@ def sweep_table(client, parent_id: str) -> List[Dict[str, Any]]:
         if r.info.status == "FAILED":
             row["error"] = r.data.tags.get("error", "")[:80]
         rows.append(row)
+    seen = {r["job"] for r in rows}
+    for f in recorded_failures(sweep_dir) if sweep_dir else []:
+        if f["job"] not in seen:
+            row = {"job": f["job"], "status": "REJECTED", **_parse_overrides(f["overrides"])}
+            row.update({m: float("nan") for m in SECTION8})
+            row["error"] = f["error"][:80]
+            rows.append(row)
     rows.sort(key=lambda r: r["job"])
     # keep only the overrides that differ between jobs: those are the swept parameters
     fixed = [k for k in {k for r in rows for k in r} if k not in ("job", "status", "error")
@@ -230,7 +256,7 @@ class MlflowSweepCallback(Callback):
         client = getattr(self, "_client", None)
         if client is None:
             return
-        rows = sweep_table(client, self._run_id)
+        rows = sweep_table(client, self._run_id, str(config.hydra.sweep.dir))
         table = format_table(rows)
         print("\nSweep summary (accuracy in %):\n" + table, flush=True)
         log_text(client, self._run_id, table + "\n", "sweep_summary.md")
@@ -248,7 +274,10 @@ class MlflowSweepCallback(Callback):
             import matplotlib.pyplot as plt
 
             plt.close(fig)
-        failed = sum(r["status"] == "FAILED" for r in rows)
+        failed = sum(r["status"] in ("FAILED", "REJECTED") for r in rows)
         client.set_tag(self._run_id, "n_jobs", str(len(rows)))
         client.set_tag(self._run_id, "n_failed", str(failed))
         client.set_terminated(self._run_id, "FINISHED" if not failed else "FAILED")
+        if failed:
+            print(f"error: {failed} of {len(rows)} jobs failed (see the table above)", file=sys.stderr, flush=True)
+            sys.exit(1)
