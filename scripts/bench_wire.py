@@ -1,0 +1,186 @@
+"""Benchmark of the wire-resistance solver (one run; prints a table, then one JSON line).
+
+Measures, on this machine's CPU threads:
+
+* ``transfer_ms_N``: the full transfer matrix T of one square N x N tile (float64)
+  with :func:`xbarflow.crossbar.wire.transfer_matrix_wire` (median of repeats).
+* ``baseline_ms_128``: the same T from the full nodal system (2 * 128 * 128 unknowns)
+  with ``scipy.sparse.linalg.spsolve`` called once per input (one right-hand side per
+  input, refactorising every time, as a circuit simulator sweeping inputs or MemTorch's
+  per-input solve does). For reference the script also times one ``splu`` factorisation
+  reused for all inputs (``baseline_splu_once_ms_128``), which is the strongest plain
+  SciPy direct baseline.
+* ``step_ratio_wire_xbar64``: a technology-aware training step (FCN 784-500-10,
+  64 x 64 tiles, r_source = r_sink = 1 kOhm, r_wire = 2.5 Ohm per segment, batch 128,
+  forward + backward + SGD step, float32) over a standard (ideal-mode) step; medians
+  of interleaved repeats.
+
+r_wire = 2.5 Ohm per segment: a metal line segment of one cell pitch, ~100 nm long with
+a ~50 x 40 nm^2 cross-section and an effective (size-effect) resistivity ~5e-8 Ohm m,
+gives rho L / A = 5e-8 * 1e-7 / 2e-15 = 2.5 Ohm, the value used in crossbar IR-drop
+studies at that node.
+
+Run: ``python scripts/bench_wire.py`` (from anywhere; the repository root is put on
+``sys.path`` so the package need not be installed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+import scipy.sparse.linalg as spla  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from xbarflow.crossbar.spec import CrossbarSpec  # noqa: E402
+from xbarflow.crossbar.wire import transfer_matrix_wire  # noqa: E402
+from xbarflow.nn import convert, set_mode  # noqa: E402
+
+R_SOURCE, R_SINK, R_WIRE = 1e3, 1e3, 2.5
+G_MIN, G_MAX = 1 / 200e3, 1 / 20e3
+
+
+def _median_ms(fn, repeats):
+    fn()  # warm-up (allocator, thread pool)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def nodal_system(G, r_source, r_sink, r_wire):
+    """Sparse nodal matrix (CSC) and the source conductance vector of one tile (r_* > 0).
+
+    Unknowns: u_ij at ``i*cols + j``, w_ij at ``n + i*cols + j``. Returns ``(Y, g_src_idx)``
+    where input k injects ``1 / r_source`` A into node ``g_src_idx[k]`` for V_k = 1 V.
+    """
+    rows, cols = G.shape
+    n = rows * cols
+    idx = np.arange(n).reshape(rows, cols)
+    g_w = 1.0 / r_wire
+    a, b, g = [idx.ravel()], [n + idx.ravel()], [G.ravel()]  # cells
+    a.append(idx[:, :-1].ravel()); b.append(idx[:, 1:].ravel()); g.append(np.full(rows * (cols - 1), g_w))
+    a.append(n + idx[:-1, :].ravel()); b.append(n + idx[1:, :].ravel()); g.append(np.full((rows - 1) * cols, g_w))
+    a, b, g = np.concatenate(a), np.concatenate(b), np.concatenate(g)
+    diag = np.zeros(2 * n)
+    np.add.at(diag, a, g)
+    np.add.at(diag, b, g)
+    diag[idx[:, 0]] += 1.0 / r_source
+    diag[n + idx[-1, :]] += 1.0 / r_sink
+    rr = np.concatenate([a, b, np.arange(2 * n)])
+    cc = np.concatenate([b, a, np.arange(2 * n)])
+    vv = np.concatenate([-g, -g, diag])
+    Y = sp.csc_matrix((vv, (rr, cc)), shape=(2 * n, 2 * n))
+    return Y, idx[:, 0], n + idx[-1, :]
+
+
+def baseline_transfer(G, r_source, r_sink, r_wire, factor_once=False):
+    """T by sparse direct solves of the nodal system, one right-hand side per input."""
+    Y, src, out = nodal_system(G, r_source, r_sink, r_wire)
+    rows, cols = G.shape
+    T = np.zeros((rows, cols))
+    lu = spla.splu(Y) if factor_once else None
+    for k in range(rows):
+        rhs = np.zeros(Y.shape[0])
+        rhs[src[k]] = 1.0 / r_source
+        x = lu.solve(rhs) if factor_once else spla.spsolve(Y, rhs)
+        T[k] = x[out] / r_sink
+    return T
+
+
+def main():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    threads = torch.get_num_threads()
+    result = {"threads": threads, "r_source": R_SOURCE, "r_sink": R_SINK, "r_wire": R_WIRE}
+    print(f"# wire-resistance solver benchmark: r_source={R_SOURCE:g}, r_sink={R_SINK:g}, "
+          f"r_wire={R_WIRE:g} ohm, torch threads={threads}")
+    print(f"{'quantity':<40}{'value':>14}")
+
+    # Matmul rate, to put the solver's flops in context.
+    A = torch.randn(64, 64, 64, dtype=torch.float64)
+    ms = _median_ms(lambda: A @ A, 20)
+    result["matmul_gflops_f64_64"] = round(2 * 64 ** 4 / ms / 1e6, 1)
+    A = torch.randn(256, 256, dtype=torch.float64)
+    ms = _median_ms(lambda: A @ A, 20)
+    result["matmul_gflops_f64_256"] = round(2 * 256 ** 3 / ms / 1e6, 1)
+
+    Gs = {}
+    for N, rep in ((64, 7), (128, 5), (256, 3)):
+        G = torch.tensor(rng.uniform(G_MIN, G_MAX, size=(N, N)))
+        Gs[N] = G
+        ms = _median_ms(lambda: transfer_matrix_wire(G, r_source=R_SOURCE, r_sink=R_SINK, r_wire=R_WIRE), rep)
+        result[f"transfer_ms_{N}"] = round(ms, 2)
+        # forward and backward (gradient of a scalar loss w.r.t. G)
+        Gr = G.clone().requires_grad_()
+        W = torch.randn(N, N, dtype=torch.float64)
+
+        def fb():
+            (transfer_matrix_wire(Gr, r_source=R_SOURCE, r_sink=R_SINK, r_wire=R_WIRE) * W).sum().backward()
+
+        result[f"transfer_fwd_bwd_ms_{N}"] = round(_median_ms(fb, rep), 2)
+        flops = 17 / 3 * N ** 4  # approximate  # see the module docstring of xbarflow.crossbar.wire
+        result[f"transfer_gflops_{N}"] = round(flops / result[f"transfer_ms_{N}"] / 1e6, 1)
+
+    # Baseline: scipy sparse direct solve per input, and its agreement with our T.
+    G = Gs[128].numpy()
+    t0 = time.perf_counter()
+    T_base = baseline_transfer(G, R_SOURCE, R_SINK, R_WIRE)
+    result["baseline_ms_128"] = round(1e3 * (time.perf_counter() - t0), 1)
+    result["baseline_method"] = "scipy.sparse.linalg.spsolve per input (refactorises per input)"
+    t0 = time.perf_counter()
+    T_once = baseline_transfer(G, R_SOURCE, R_SINK, R_WIRE, factor_once=True)
+    result["baseline_splu_once_ms_128"] = round(1e3 * (time.perf_counter() - t0), 1)
+    T_ours = transfer_matrix_wire(Gs[128], r_source=R_SOURCE, r_sink=R_SINK, r_wire=R_WIRE).numpy()
+    err = float(np.abs(T_ours - T_base).max() / np.abs(T_base).max())
+    err_once = float(np.abs(T_ours - T_once).max() / np.abs(T_once).max())
+    result["max_rel_err_vs_baseline_128"] = float(f"{max(err, err_once):.3e}")
+    result["speedup_vs_baseline_128"] = round(result["baseline_ms_128"] / result["transfer_ms_128"], 1)
+
+    # Technology-aware training step with wire resistance vs a standard step.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 10))
+    spec = CrossbarSpec(rows=64, cols=64, r_source=R_SOURCE, r_sink=R_SINK, r_wire=R_WIRE)
+    model = convert(model, spec)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.rand(128, 1, 28, 28)
+    y = torch.randint(0, 10, (128,))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(mode):
+        set_mode(model, mode)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    step("ideal"), step("nominal")  # warm-up
+    t_ideal, t_wire = [], []
+    for _ in range(3):
+        t_ideal.append(step("ideal"))
+        t_wire.append(step("nominal"))
+    result["step_ms_standard"] = round(1e3 * statistics.median(t_ideal), 2)
+    result["step_ms_wire_xbar64"] = round(1e3 * statistics.median(t_wire), 2)
+    result["step_ratio_wire_xbar64"] = round(result["step_ms_wire_xbar64"] / result["step_ms_standard"], 1)
+    n_tiles = 2 * (13 * 8 + 8 * 1)  # G+ and G- tiles of 784x500 and 500x10 on 64x64 arrays
+    result["tiles_per_step"] = n_tiles
+
+    for k, v in result.items():
+        if k != "baseline_method":
+            print(f"{k:<40}{v:>14}")
+    print(f"baseline: {result['baseline_method']}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
