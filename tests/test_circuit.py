@@ -122,3 +122,26 @@ def test_transfer_columns_and_apply_transfer_match_explicit_and_gradcheck():
     gb = torch.autograd.grad(((U @ transfer_matrix(G, r_source=1e3, r_sink=2e3)) * w).sum(), (U, G))
     for x, y in zip(ga, gb):
         assert torch.allclose(x, y, rtol=1e-10, atol=1e-30)
+
+
+def test_ill_conditioned_float32_switches_to_float64():
+    """Both resistances huge: the rows float and float32 would lose ~3 digits; the solver says so and uses float64."""
+    from xbarflow.crossbar.circuit import _TransferCols, float32_error_estimate
+
+    torch.manual_seed(0)
+    G = torch.rand(64, 64, dtype=torch.float64) * 4.5e-5 + 5e-6
+    r = 1e9
+    T64 = transfer_matrix(G, r_source=r, r_sink=r)
+    naive32 = _TransferCols.apply(G.float(), r, r).double()  # what plain float32 would give
+    assert float((naive32 - T64).abs().max() / T64.abs().max()) > 1e-3
+    assert float32_error_estimate(G.float(), r, r) > 1e-3
+    with pytest.warns(RuntimeWarning, match="float64"):
+        T32 = transfer_matrix(G.float(), r_source=r, r_sink=r)
+    assert T32.dtype == torch.float32 and bool(torch.isfinite(T32).all())
+    assert float((T32.double() - T64).abs().max() / T64.abs().max()) < 1e-6
+    # an ordinary circuit stays in float32 without a warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        transfer_matrix(G.float(), r_source=1e3, r_sink=1e3)

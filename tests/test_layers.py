@@ -8,9 +8,10 @@ from xbarflow.nn import XbarConv2d, XbarLinear, convert, set_mode, xbar_mode
 
 
 def test_conductance_pair_differential_and_in_range():
-    W = torch.randn(20, 10)
+    W = torch.randn(20, 10, generator=torch.Generator().manual_seed(0))
     G_pos, G_neg, k = conductance_pair(W, 5e-6, 5e-5)
-    assert float(G_pos.min()) >= 5e-6 - 1e-12 and float(G_pos.max()) <= 5e-5 + 1e-12
+    # float32: the extreme weight lands on g_max up to one rounding step
+    assert float(G_pos.min()) >= 5e-6 * (1 - 1e-6) and float(G_pos.max()) <= 5e-5 * (1 + 1e-6)
     assert torch.allclose((G_pos - G_neg) / k, W, atol=1e-6)
     G_pos, G_neg, k = conductance_pair(W, 5e-6, 5e-5, w_max=0.5)
     assert torch.allclose((G_pos - G_neg) / k, W.clamp(-0.5, 0.5), atol=1e-6)
@@ -117,15 +118,14 @@ def test_chip_mode_changes_output_and_is_cached():
 def test_training_gradient_flows_through_circuit():
     torch.manual_seed(0)
     # a fixed clipping range: the default w_max = max|W| is a (detached) scale, not differentiable
-    model = convert(_mlp().double(), CrossbarSpec(rows=16, cols=16, r_source=1e3, r_sink=1e3, w_max=2.0))
+    spec = CrossbarSpec(rows=4, cols=3, r_source=1e3, r_sink=1e3, w_max=2.0, g_min=1e-4, g_max=1e-3)
+    W = torch.randn(6, 5, dtype=torch.float64).requires_grad_(True)  # 2x2 tiles, padded
+    assert torch.autograd.gradcheck(lambda w: effective_weight(w.t(), spec, Chip(1, 0.1, 0.1), "x"), (W,))
+    model = convert(_mlp().double(), spec.replace(rows=16, cols=16))
     set_mode(model, "nominal")
-    x = torch.randn(3, 64, dtype=torch.float64)
-    layer = model[1]
-    W = layer.weight.detach().clone().requires_grad_(True)
-
-    assert torch.autograd.gradcheck(lambda w: effective_weight(w.t(), layer.spec, None, "x") @ torch.ones(32, dtype=torch.float64), (W,))
-    model(x).sum().backward()
-    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+    model(torch.randn(3, 64, dtype=torch.float64)).sum().backward()
+    grad = model[1].weight.grad
+    assert grad is not None and bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
 
 
 def test_spec_rejects_bad_values():

@@ -28,6 +28,7 @@ backward costs three matrix products of the tile's size.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Tuple
 
 import torch
@@ -66,6 +67,45 @@ def check_conductance(name: str, G: torch.Tensor) -> None:
             raise ValueError(f"{name} must be finite (found NaN or inf)")
         if bool((G < 0).any()):
             raise ValueError(f"{name} must be >= 0 siemens (found {float(G.min()):.3e})")
+
+
+# float32 results whose estimated relative error exceeds this are recomputed in float64.
+FLOAT32_MAX_REL_ERROR = 1e-3
+_EPS32 = float(torch.finfo(torch.float32).eps)
+
+
+def float32_error_estimate(G: torch.Tensor, r_source: float, r_sink: float) -> float:
+    """Estimated relative error of a float32 transfer matrix (cols x cols system).
+
+    Rounding perturbs ``B = I + r_sink (diag(c) - G^T diag(s) G)`` by about
+    ``eps * r_sink * max(c)``, while Gershgorin bounds its smallest eigenvalue from
+    below by ``1 + r_sink * min_j (G^T a)_j`` (M is diagonally dominant with row
+    sums ``G^T a``). Their ratio bounds the solution's relative error up to a
+    constant. It grows when both resistances are large: the rows then float and
+    M approaches a singular Laplacian.
+    """
+    with torch.no_grad():
+        Gd = G.detach().double()
+        a = 1.0 / (1.0 + r_source * Gd.sum(-1))
+        c_max = float(Gd.sum(-2).max())
+        lam_min = 1.0 + r_sink * float((Gd.mT @ a.unsqueeze(-1)).min())
+    return _EPS32 * r_sink * c_max / lam_min
+
+
+def _float64_if_needed(G: torch.Tensor, r_source: float, r_sink: float) -> bool:
+    """True (with a warning) when a float32 result would lose its accuracy."""
+    if G.dtype != torch.float32 or r_sink == 0.0 or r_source == 0.0:
+        return False  # with one side ideal, B is I + diagonal, or M is well-conditioned
+    err = float32_error_estimate(G, r_source, r_sink)
+    if err <= FLOAT32_MAX_REL_ERROR:
+        return False
+    warnings.warn(
+        f"crossbar circuit too ill-conditioned for float32 (estimated relative error {err:.1e} with "
+        f"r_source={r_source:g}, r_sink={r_sink:g} ohm): solving in float64",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 def _spd_inverse(B: torch.Tensor) -> torch.Tensor:
@@ -172,10 +212,13 @@ def transfer_matrix(G: torch.Tensor, *, r_source: float, r_sink: float, r_wire: 
     if r_source == 0.0 and r_sink == 0.0:
         return G.clone() if not G.requires_grad else G * 1.0
     rows, cols = G.shape[-2], G.shape[-1]
-    if cols <= rows:
-        return _TransferCols.apply(G, r_source, r_sink)
     # Eliminating the columns instead is the same formula on the transposed circuit.
-    return _TransferCols.apply(G.mT, r_sink, r_source).mT
+    Gc, rs, rk = (G, r_source, r_sink) if cols <= rows else (G.mT, r_sink, r_source)
+    if _float64_if_needed(Gc, rs, rk):
+        T = _TransferCols.apply(Gc.double(), rs, rk).to(G.dtype)
+    else:
+        T = _TransferCols.apply(Gc, rs, rk)
+    return T if cols <= rows else T.mT
 
 
 def solve(G: torch.Tensor, V: torch.Tensor, *, r_source: float, r_sink: float, r_wire: float = 0.0) -> torch.Tensor:
@@ -322,6 +365,8 @@ def transfer_columns(G: torch.Tensor, u: int, *, r_source: float, r_sink: float)
         against ``O(rows cols^2 + cols^3)`` more for the full T.
     """
     assert G.shape[-1] <= G.shape[-2] and r_source > 0 and r_sink > 0 and 1 <= u <= G.shape[-1]
+    if _float64_if_needed(G, r_source, r_sink):
+        return _TransferColumns.apply(G.double(), float(r_source), float(r_sink), int(u)).to(G.dtype)
     return _TransferColumns.apply(G, float(r_source), float(r_sink), int(u))
 
 
@@ -340,4 +385,6 @@ def apply_transfer(U: torch.Tensor, G: torch.Tensor, *, r_source: float, r_sink:
         factorisation), which is cheaper than the explicit T when ``m < cols``.
     """
     assert G.shape[-1] <= G.shape[-2] and r_source > 0 and r_sink > 0
+    if _float64_if_needed(G, r_source, r_sink):
+        return _ApplyTransfer.apply(U.double(), G.double(), float(r_source), float(r_sink)).to(U.dtype)
     return _ApplyTransfer.apply(U, G, float(r_source), float(r_sink))
