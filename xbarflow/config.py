@@ -57,6 +57,14 @@ class HardwareConfig:
     r_off: float = rf(MISSING, gt=0.0)           # ohm, highest device resistance
     c2c: float = rf(MISSING, ge=0.0)             # sigma of log chip-wide conductance factor
     d2d: float = rf(MISSING, ge=0.0)             # sigma of log per-device conductance factor
+    # further device effects; defaults are "absent", so a device file may leave them out
+    levels: Optional[int] = rf(None, ge=2)       # programmable conductances in [1/r_off, 1/r_on]; null = continuous
+    stuck_on: float = rf(0.0, ge=0.0, le=1.0)    # probability a device is stuck at r_on
+    stuck_off: float = rf(0.0, ge=0.0, le=1.0)   # probability a device is stuck at r_off
+    read_noise: float = rf(0.0, ge=0.0)          # sigma of relative conductance noise per read
+    drift_nu: float = rf(0.0, ge=0.0)            # mean drift exponent: G(t) = G0 (t / t0)^-nu
+    drift_nu_std: float = rf(0.0, ge=0.0)        # device-to-device sigma of nu
+    drift_t0: float = rf(1.0, gt=0.0)            # seconds; drift starts at t0
 
 
 @dataclass
@@ -70,6 +78,11 @@ class XbarConfig:
     v_read: float = rf(0.2, gt=0.0)              # volt, read voltage of the largest input
     mapping: str = rf("separate", choices=("separate", "interleaved"))
     w_max: Optional[float] = rf(None, gt=0.0)    # weight clipping range; null = max |W| per layer
+    # peripherals (used when nonideality.dac / nonideality.adc are on)
+    dac_bits: int = rf(8, ge=1, le=32)           # row DAC resolution
+    dac_range: Optional[float] = rf(None, gt=0.0)   # DAC full scale (input units); null = max |x| per sample
+    adc_bits: int = rf(8, ge=1, le=32)           # column ADC resolution (one ADC per differential pair)
+    adc_range: float = rf(0.25, gt=0.0)          # ADC full scale / (rows * (g_max - g_min) * v_read)
 
 
 @dataclass
@@ -80,6 +93,12 @@ class NonidealityConfig:
     r_wire: bool = False
     c2c: bool = True
     d2d: bool = True
+    levels: bool = False                         # round programmed conductances to hardware.levels
+    stuck: bool = False                          # stuck-at-on / stuck-at-off cells per chip
+    read_noise: bool = False                     # fresh conductance noise at every read
+    drift: bool = False                          # conductance drift, evaluated at eval.times
+    dac: bool = False                            # xbar.dac_bits row DACs
+    adc: bool = False                            # xbar.adc_bits column ADCs, per tile before the digital sum
 
 
 @dataclass
@@ -124,6 +143,9 @@ class EvalConfig:
     n_chips: int = rf(5, ge=1)
     chip_seed: int = 1000                        # chip i of the evaluation has seed chip_seed + i
     batch_size: int = rf(1000, ge=1)
+    # seconds after programming at which chips are also evaluated when drift is on
+    # (metrics test/acc_xbar_{mean,std,min}_at_<t>s)
+    times: List[float] = rf([3600.0, 86400.0, 31536000.0], gt=0.0)
 
 
 @dataclass
@@ -204,4 +226,7 @@ def validate(cfg: DictConfig) -> Config:
     hw = obj.hardware
     if not hw.r_off > hw.r_on:
         raise ConfigError(f"hardware.r_off must be > hardware.r_on (got r_on={hw.r_on}, r_off={hw.r_off})")
+    if hw.stuck_on + hw.stuck_off > 1.0:
+        raise ConfigError(f"hardware.stuck_off must be <= 1 - hardware.stuck_on "
+                          f"(got stuck_on={hw.stuck_on}, stuck_off={hw.stuck_off})")
     return obj

@@ -1,8 +1,18 @@
-"""From config values to the crossbar core's objects: the layer spec and the chips."""
+"""From config values to the crossbar core's objects: the layer spec and the chips.
+
+The ``nonideality`` group switches each effect on or off; ``hardware`` and ``xbar``
+give its numbers. An effect that is off is passed to the core as absent (0 / None),
+so the core never needs to know about the switches.
+"""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import torch
+
+from .crossbar.devices import DeviceModel
+from .crossbar.rng import layer_generator
 from .crossbar.spec import CrossbarSpec
 from .crossbar.variation import Chip
 
@@ -21,18 +31,48 @@ def crossbar_spec(cfg) -> CrossbarSpec:
         v_read=xb.v_read,
         mapping=xb.mapping,
         w_max=xb.w_max,
+        levels=hw.levels if ni.levels else None,
+        dac_bits=xb.dac_bits if ni.dac else None,
+        dac_range=xb.dac_range,
+        adc_bits=xb.adc_bits if ni.adc else None,
+        adc_range=xb.adc_range,
+    )
+
+
+def device_model(cfg) -> DeviceModel:
+    """The random device effects that are switched on, with the technology's numbers."""
+    hw, ni = cfg.hardware, cfg.nonideality
+    return DeviceModel(
+        stuck_on=hw.stuck_on if ni.stuck else 0.0,
+        stuck_off=hw.stuck_off if ni.stuck else 0.0,
+        read_noise=hw.read_noise if ni.read_noise else 0.0,
+        drift_nu=hw.drift_nu if ni.drift else 0.0,
+        drift_nu_std=hw.drift_nu_std if ni.drift else 0.0,
+        drift_t0=hw.drift_t0,
     )
 
 
 def has_variation(cfg) -> bool:
-    """True when a chip differs from the nominal devices (some random effect is on and non-zero)."""
+    """True when a chip differs from the nominal devices (some random or time effect is on and non-zero)."""
     hw, ni = cfg.hardware, cfg.nonideality
-    return (ni.c2c and hw.c2c > 0) or (ni.d2d and hw.d2d > 0)
+    return bool((ni.c2c and hw.c2c > 0) or (ni.d2d and hw.d2d > 0) or not device_model(cfg).is_ideal)
 
 
-def make_chip(cfg, seed: int) -> Optional[Chip]:
-    """The chip with this seed, or ``None`` when no random effect is on (the nominal devices)."""
+def make_chip(cfg, seed: int, train: bool = False) -> Optional[Chip]:
+    """The chip with this seed, or ``None`` when no random effect is on (the nominal devices).
+
+    Evaluation chips are read at ``t0`` (``time=None``; the evaluation moves them to
+    each of ``eval.times``). A training chip (``train=True``) with drift on is read
+    at a time drawn log-uniformly in ``[t0, max(eval.times)]`` from its seed, so that
+    technology-aware training sees every age of the devices it is evaluated at.
+    """
     if not has_variation(cfg):
         return None
     hw, ni = cfg.hardware, cfg.nonideality
-    return Chip(seed=int(seed), c2c=hw.c2c if ni.c2c else 0.0, d2d=hw.d2d if ni.d2d else 0.0)
+    dev = device_model(cfg)
+    time = None
+    if train and dev.has_drift and cfg.eval.times:
+        t_hi = max(max(cfg.eval.times), dev.drift_t0)
+        u = float(torch.rand((), generator=layer_generator(int(seed), "<chip>", "time"), dtype=torch.float64))
+        time = dev.drift_t0 * math.exp(u * math.log(t_hi / dev.drift_t0))
+    return Chip(seed=int(seed), c2c=hw.c2c if ni.c2c else 0.0, d2d=hw.d2d if ni.d2d else 0.0, device=dev, time=time)

@@ -66,7 +66,10 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
     def chip(seed):
         return make_chip(typed, seed)
 
-    module = CrossbarClassifier(xmodel, typed.training, data.num_classes, chip, seed=typed.seed)
+    def train_chip(seed):  # drift: a training chip is read at a random age (see make_chip)
+        return make_chip(typed, seed, train=True)
+
+    module = CrossbarClassifier(xmodel, typed.training, data.num_classes, train_chip, seed=typed.seed)
     bs = typed.training.batch_size
     nw = typed.dataset.num_workers
     train_loader = DataLoader(data.train, batch_size=bs, sampler=EpochShuffleSampler(len(data.train), typed.seed),
@@ -139,7 +142,7 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume_ckpt)
         metrics, per_chip = evaluate(
             xmodel, test_loader, num_classes=data.num_classes, n_chips=typed.eval.n_chips,
-            chip_seed=typed.eval.chip_seed, make_chip=chip, device=module.device,
+            chip_seed=typed.eval.chip_seed, make_chip=chip, device=module.device, times=typed.eval.times,
         )
         tracking.log_metrics(client, run_id, metrics)
         for i, acc in enumerate(per_chip):

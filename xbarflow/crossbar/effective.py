@@ -4,15 +4,26 @@ The whole non-ideal layer is linear in its inputs, so it equals an ordinary laye
 whose weight is assembled from the tiles' transfer matrices. That weight is
 computed once per weight update (training) or per chip (evaluation); the layer's
 forward pass is then an ordinary matmul.
+
+The device pipeline (:func:`device_conductances`) is, in this order: programming
+(mapping, tiling, rounding to ``spec.levels``), the chip's programming error (c2c,
+d2d), stuck cells, drift to ``chip.time``, and the conductances of one read (read
+noise); then the circuit. Without levels and without a chip's device effects each
+step is the identity and costs nothing. With ADC the layer's forward pass is done
+tile row by tile row (:func:`adc_apply`); the effective weight is the same.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .circuit import apply_transfer, check_conductance, transfer_columns, transfer_matrix
+from .devices import quantize_levels
 from .mapping import conductance_pair, deinterleave_difference, interleave_columns
+from .peripherals import adc_quantize
 from .spec import CrossbarSpec
 from .tiling import from_tiles, to_tiles
 from .variation import Chip
@@ -37,8 +48,33 @@ def physical_arrays(W: torch.Tensor, spec: CrossbarSpec):
     return to_tiles(G, spec.rows, spec.cols, pad_value=spec.g_min), k
 
 
+def device_conductances(W: torch.Tensor, spec: CrossbarSpec, chip: Optional[Chip] = None, name: str = "",
+                        read: int = 0):
+    """The conductances one read of the layer's arrays sees, tile by tile.
+
+    Args:
+        W: weights, shape ``(fan_in, fan_out)``.
+        spec: arrays of the layer (``levels``: programming precision).
+        chip: a drawn chip (variation, stuck cells, drift at ``chip.time``, read
+            noise), or ``None`` for the nominal devices.
+        name: the layer's stable name; selects its devices on the chip.
+        read: number of this read of the layer on this chip (read noise only).
+
+    Returns:
+        ``(G, k)`` as :func:`physical_arrays`. Differentiable in W (rounding to
+        levels by straight-through estimator; stuck devices have no gradient).
+    """
+    G, k = physical_arrays(W, spec)
+    if spec.levels is not None:
+        G = quantize_levels(G, spec.levels, spec.g_min, spec.g_max)
+    if chip is not None:
+        G = chip.devices(G, name, spec.g_min, spec.g_max)
+        G = chip.read(G, name, read)
+    return G, k
+
+
 def effective_weight(
-    W: torch.Tensor, spec: CrossbarSpec, chip: Optional[Chip] = None, name: str = ""
+    W: torch.Tensor, spec: CrossbarSpec, chip: Optional[Chip] = None, name: str = "", read: int = 0
 ) -> torch.Tensor:
     """The weight matrix the non-ideal crossbar layer actually applies.
 
@@ -47,6 +83,7 @@ def effective_weight(
         spec: arrays and circuit of the layer.
         chip: a drawn chip (variation), or ``None`` for the nominal devices.
         name: the layer's stable name; selects its devices on the chip.
+        read: number of this read (read noise draws afresh for every read).
 
     Returns:
         ``W_eff``, shape ``(fan_in, fan_out)``, with ``y = x @ W_eff`` equal to the
@@ -55,9 +92,7 @@ def effective_weight(
         Equals ``clip(W, -w_max, w_max)`` for an ideal circuit without variation.
     """
     fan_in, fan_out = W.shape
-    G, k = physical_arrays(W, spec)
-    if chip is not None:
-        G = chip.apply(G, name)
+    G, k = device_conductances(W, spec, chip, name, read)
     out_cols = 2 * fan_out if spec.mapping == "interleaved" else fan_out
     T = _tiles_transfer(G, spec, out_cols)
     if spec.mapping == "interleaved":
@@ -109,7 +144,8 @@ def fused_is_cheaper(batch: int, spec: CrossbarSpec, fan_out: int) -> bool:
 
 
 def effective_apply(
-    x: torch.Tensor, W: torch.Tensor, spec: CrossbarSpec, chip: Optional[Chip] = None, name: str = ""
+    x: torch.Tensor, W: torch.Tensor, spec: CrossbarSpec, chip: Optional[Chip] = None, name: str = "",
+    read: int = 0,
 ) -> torch.Tensor:
     """``x @ effective_weight(W, spec, chip, name)`` without forming the effective weight.
 
@@ -127,9 +163,7 @@ def effective_apply(
         raise ValueError("effective_apply needs r_wire = 0, r_source > 0, r_sink > 0 and cols <= rows")
     fan_in, fan_out = W.shape
     batch = x.shape[0]
-    G, k = physical_arrays(W, spec)
-    if chip is not None:
-        G = chip.apply(G, name)
+    G, k = device_conductances(W, spec, chip, name, read)
     check_conductance("G", G)
     n_r, n_c, rows, cols = G.shape[-4:]
     # inputs of padded rows are 0 V
@@ -143,3 +177,34 @@ def effective_apply(
     else:
         Y = Y[0, :, :fan_out] - Y[1, :, :fan_out]
     return Y / k
+
+
+def adc_apply(x: torch.Tensor, W_eff: torch.Tensor, spec: CrossbarSpec, w_range: torch.Tensor,
+              x_max: torch.Tensor) -> torch.Tensor:
+    """The layer's output with each tile's partial output through the column ADCs.
+
+    Tiles in one grid row share their inputs; tiles in one grid column share their
+    outputs, which are summed digitally *after* conversion. Each output column is
+    converted on its own, so only the split of the fan-in over tile rows matters:
+    ``y = sum_r ADC(x_r @ W_eff_r)``, ``x_r`` the inputs of tile row ``r`` and
+    ``W_eff_r`` its rows of the effective weight (exactly the tiles' transfer
+    matrices, see :func:`effective_weight`).
+
+    Args:
+        x: inputs after the DAC, shape ``(batch, fan_in)``.
+        W_eff: effective weight, shape ``(fan_in, fan_out)``.
+        w_range: the layer's weight range (``w_max``; scalar tensor).
+        x_max: input scale per sample, shape ``(batch, 1)`` or scalar.
+
+    Returns:
+        ``(batch, fan_out)``; the gradient passes the ADC straight through.
+    """
+    fan_in, fan_out = W_eff.shape
+    rows = spec.rows
+    n_r = math.ceil(fan_in / rows)
+    pad = n_r * rows - fan_in
+    xp = F.pad(x, (0, pad)) if pad else x
+    Wp = F.pad(W_eff, (0, 0, 0, pad)) if pad else W_eff
+    Y = torch.bmm(xp.reshape(-1, n_r, rows).transpose(0, 1), Wp.reshape(n_r, rows, fan_out))  # (n_r, batch, fan_out)
+    full_scale = spec.adc_range * rows * w_range * x_max        # output units, broadcasts over (batch, 1)
+    return adc_quantize(Y, spec.adc_bits, full_scale).sum(0)

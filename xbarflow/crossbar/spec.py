@@ -24,6 +24,14 @@ class CrossbarSpec:
         mapping: ``"separate"`` (G+ and G- in two arrays of the same shape) or
             ``"interleaved"`` (G+ and G- in neighbouring columns of one array).
         w_max: weight clipping range; ``None`` uses max |W| of the layer.
+        levels: number of programmable conductances in ``[g_min, g_max]`` (>= 2);
+            ``None`` programs any value (continuous).
+        dac_bits: row DAC resolution, bits; ``None`` for ideal drivers.
+        dac_range: DAC full scale in input units; ``None`` uses each sample's max |x|.
+        adc_bits: column ADC resolution, bits; ``None`` for ideal read-out (no
+            per-tile quantisation: the forward pass is one matmul).
+        adc_range: ADC full scale as a fraction of the largest differential current a
+            tile can produce, ``rows * (g_max - g_min) * v_read`` (see :mod:`.peripherals`).
     """
 
     rows: int = 64
@@ -36,6 +44,11 @@ class CrossbarSpec:
     v_read: float = 0.2
     mapping: str = "separate"
     w_max: Optional[float] = None
+    levels: Optional[int] = None
+    dac_bits: Optional[int] = None
+    dac_range: Optional[float] = None
+    adc_bits: Optional[int] = None
+    adc_range: float = 1.0
 
     def __post_init__(self):
         for name in ("rows", "cols"):
@@ -58,11 +71,29 @@ class CrossbarSpec:
             raise ValueError(f"cols must be even for interleaved mapping (got {self.cols})")
         if self.w_max is not None and (not _finite(self.w_max) or self.w_max <= 0):
             raise ValueError(f"w_max must be finite and > 0 or None (got {self.w_max!r})")
+        for name, lo in (("levels", 2), ("dac_bits", 1), ("adc_bits", 1)):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
+                raise ValueError(f"{name} must be an integer >= {lo} or None (got {v!r})")
+        if self.dac_range is not None and (not _finite(self.dac_range) or self.dac_range <= 0):
+            raise ValueError(f"dac_range must be finite and > 0 or None (got {self.dac_range!r})")
+        if not _finite(self.adc_range) or self.adc_range <= 0:
+            raise ValueError(f"adc_range must be finite and > 0 (got {self.adc_range!r})")
 
     @property
     def is_ideal_circuit(self) -> bool:
         """True when the circuit multiplies by G exactly (no parasitic resistance)."""
         return self.r_source == 0.0 and self.r_sink == 0.0 and self.r_wire == 0.0
+
+    @property
+    def has_adc(self) -> bool:
+        """True when each tile's output is quantised before the digital sum (per-tile forward)."""
+        return self.adc_bits is not None
+
+    @property
+    def has_peripherals(self) -> bool:
+        """True when inputs or outputs are quantised (DAC or ADC): work per batch in the forward."""
+        return self.dac_bits is not None or self.adc_bits is not None
 
     def replace(self, **changes) -> "CrossbarSpec":
         values = {f.name: getattr(self, f.name) for f in fields(self)}

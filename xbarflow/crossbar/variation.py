@@ -4,15 +4,23 @@ A :class:`Chip` is one fabricated chip: a seed fixes every random number it hold
 so the same chip is drawn on every machine. Its conductances are the programmed
 ones times a global factor ``exp(c2c * z0)`` shared by the whole chip and a
 per-device factor ``exp(d2d * z_ij)`` (lognormal, median 1).
+
+A chip also carries its technology's random device effects
+(:class:`~xbarflow.crossbar.devices.DeviceModel`: stuck cells, drift, read noise)
+and the time at which it is read (drift). Each effect draws from its own salted
+generator of the chip's seed, so the same seed gives the same devices everywhere.
 """
 from __future__ import annotations
 
 import math
-import zlib
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
 
 import torch
+
+from . import devices as _dev
+from .devices import DeviceModel
+from .rng import layer_generator  # noqa: F401  (re-exported: the chip's generators)
 
 
 def _check_sigma(name: str, value: float) -> float:
@@ -20,18 +28,6 @@ def _check_sigma(name: str, value: float) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite sigma >= 0 (got {value})")
     return value
-
-
-def layer_generator(seed: int, name: str, salt: str = "") -> torch.Generator:
-    """A CPU generator for one layer of one chip, stable across machines and runs.
-
-    The layer's name is hashed with CRC32 (not Python's salted ``hash``) so that
-    seeds mean the same thing in every process.
-    """
-    key = zlib.crc32(f"{name}|{salt}".encode())
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed((int(seed) * 0x9E3779B1 + key) % (2**63 - 1))
-    return gen
 
 
 @dataclass(frozen=True)
@@ -42,17 +38,35 @@ class Chip:
         seed: integer that fixes every random number of this chip.
         c2c: sigma of the log of the chip-wide conductance factor.
         d2d: sigma of the log of the per-device conductance factor.
+        device: the random device effects of the technology (stuck, drift, read noise).
+        time: seconds since programming at which the chip is read (drift);
+            ``None`` reads it at ``device.drift_t0`` (no drift yet).
     """
 
     seed: int
     c2c: float = 0.0
     d2d: float = 0.0
+    device: DeviceModel = field(default_factory=DeviceModel)
+    time: Optional[float] = None
 
     def __post_init__(self):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer (got {self.seed!r})")
         _check_sigma("c2c", self.c2c)
         _check_sigma("d2d", self.d2d)
+        if not isinstance(self.device, DeviceModel):
+            raise ValueError(f"device must be a DeviceModel (got {self.device!r})")
+        if self.time is not None and (not math.isfinite(float(self.time)) or float(self.time) <= 0):
+            raise ValueError(f"time must be finite and > 0 seconds or None (got {self.time!r})")
+
+    def at(self, time: Optional[float]) -> "Chip":
+        """The same chip (same devices) read ``time`` seconds after programming."""
+        return replace(self, time=None if time is None else float(time))
+
+    @property
+    def per_read(self) -> bool:
+        """True when every read of this chip differs (read noise): nothing can be cached."""
+        return self.device.has_read_noise
 
     def global_factor(self) -> float:
         """The chip-wide multiplicative factor on every conductance (dimensionless)."""
@@ -83,3 +97,18 @@ class Chip:
         if self.c2c == 0.0 and self.d2d == 0.0:
             return G
         return G * self.conductance_factors(name, G.shape, dtype=G.dtype, device=G.device)
+
+    def devices(self, G: torch.Tensor, name: str, g_min: float, g_max: float) -> torch.Tensor:
+        """Programmed conductances (siemens, any shape) -> this chip's devices at ``self.time``.
+
+        Programming error (c2c, d2d), then stuck cells, then drift; the order of
+        :mod:`xbarflow.crossbar.devices`. Differentiable in G (stuck devices excepted).
+        """
+        G = self.apply(G, name)
+        G = _dev.apply_stuck(G, self.device, self.seed, name, g_min, g_max)
+        f = _dev.drift_factors(self.device, self.time, G.shape, self.seed, name, G.dtype, G.device)
+        return G if f is None else G * f
+
+    def read(self, G: torch.Tensor, name: str, read: int = 0) -> torch.Tensor:
+        """The conductances seen by read number ``read`` (read noise; identity without it)."""
+        return _dev.apply_read_noise(G, self.device, self.seed, name, read)

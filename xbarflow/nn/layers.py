@@ -10,6 +10,13 @@ The effective weight (:func:`~xbarflow.crossbar.effective_weight`) is computed o
 per weight update or chip and cached; inside autograd (training) it is recomputed
 at every forward so that gradients flow through the circuit model exactly, which
 is what technology-aware training is.
+
+Per-read effects break the cache: with read noise on the chip every forward pass
+is a new read (numbered from 0 after each :meth:`set_mode`, so a chip's reads are
+reproducible) and recomputes the effective weight; with a DAC or ADC the inputs
+are quantised and, with an ADC, each tile row's partial output is converted before
+the digital sum (:func:`~xbarflow.crossbar.effective.adc_apply`). Training and
+evaluation run this same forward pass.
 """
 from __future__ import annotations
 
@@ -19,7 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..crossbar.effective import effective_apply, effective_weight, fused_is_cheaper
+from ..crossbar.effective import adc_apply, effective_apply, effective_weight, fused_is_cheaper
+from ..crossbar.mapping import weight_range
+from ..crossbar.peripherals import dac_quantize, input_scale
 from ..crossbar.spec import CrossbarSpec
 from ..crossbar.variation import Chip
 
@@ -36,6 +45,7 @@ class _XbarMixin:
         self.chip: Optional[Chip] = None
         self._cache_key = None
         self._cache_weight: Optional[torch.Tensor] = None
+        self._reads = 0  # reads of the current chip so far (read noise)
 
     def set_mode(self, mode: str, chip: Optional[Chip] = None):
         if mode not in MODES:
@@ -44,6 +54,18 @@ class _XbarMixin:
             raise ValueError("mode 'chip' needs a chip")
         self.mode = mode
         self.chip = chip if mode == "chip" else None
+        self._reads = 0
+
+    def _chip(self) -> Optional[Chip]:
+        return self.chip if self.mode == "chip" else None
+
+    def _next_read(self) -> int:
+        """Number of this read; advances only when reads differ (read noise)."""
+        n = self._reads
+        chip = self._chip()
+        if chip is not None and chip.per_read:
+            self._reads += 1
+        return n
 
     def _weight_matrix(self) -> torch.Tensor:
         """Software weight as ``(fan_in, fan_out)``."""
@@ -58,9 +80,13 @@ class _XbarMixin:
         W = self._weight_matrix()
         if self.mode == "ideal":
             return W
-        chip = self.chip if self.mode == "chip" else None
+        chip = self._chip()
         if self._training_through_circuit():
-            return effective_weight(W, self.spec, chip, self.xbar_name)
+            return effective_weight(W, self.spec, chip, self.xbar_name, self._next_read())
+        if chip is not None and chip.per_read:
+            # every read differs: nothing to cache
+            with torch.no_grad():
+                return effective_weight(W, self.spec, chip, self.xbar_name, self._next_read())
         # An in-place optimizer step bumps the version counter, so the key changes
         # exactly when the weight does.
         key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype, self.weight.device, self.spec, chip)
@@ -89,18 +115,30 @@ class XbarLinear(_XbarMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "ideal":
             return F.linear(x, self.weight, self.bias)
+        spec = self.spec
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        x_max = None
+        if spec.has_peripherals:
+            x_max = input_scale(x2, spec.dac_range, 1)                      # (batch, 1) or scalar
+            if spec.dac_bits is not None:
+                x2 = dac_quantize(x2, spec.dac_bits, x_max)
         # bias is added digitally, after the array
-        if self._training_through_circuit():
-            batch = x.numel() // self.in_features if self.in_features else 0
-            if batch > 0 and fused_is_cheaper(batch, self.spec, self.out_features):
+        if self._training_through_circuit() and not spec.has_adc:
+            batch = x2.shape[0]
+            if batch > 0 and fused_is_cheaper(batch, spec, self.out_features):
                 # Training on large tiles with a small batch: apply the circuit to x
                 # directly (exact, cheaper than forming the effective weight).
-                chip = self.chip if self.mode == "chip" else None
-                y = effective_apply(x.reshape(batch, self.in_features), self._weight_matrix(), self.spec,
-                                    chip, self.xbar_name)
-                y = y.reshape(*x.shape[:-1], self.out_features)
+                y = effective_apply(x2, self._weight_matrix(), spec, self._chip(), self.xbar_name,
+                                    self._next_read())
+                y = y.reshape(*lead, self.out_features)
                 return y + self.bias if self.bias is not None else y
-        return F.linear(x, self.effective_weight_matrix().t(), self.bias)
+        W_eff = self.effective_weight_matrix()
+        if spec.has_adc:
+            y = adc_apply(x2, W_eff, spec, weight_range(self._weight_matrix(), spec.w_max), x_max)
+            y = y.reshape(*lead, self.out_features)
+            return y + self.bias if self.bias is not None else y
+        return F.linear(x2.reshape(*lead, self.in_features), W_eff.t(), self.bias)
 
 
 class XbarConv2d(_XbarMixin, nn.Conv2d):
@@ -119,8 +157,27 @@ class XbarConv2d(_XbarMixin, nn.Conv2d):
         self._init_xbar(spec, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of shape ``(N, C_in, H, W)``; the DAC scale ``x_max`` is per image."""
         if self.mode == "ideal":
-            weight = self.weight
-        else:
-            weight = self.effective_weight_matrix().t().reshape(self.weight.shape)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, 1)
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, 1)
+        spec = self.spec
+        x_max = None
+        if spec.has_peripherals:
+            x_max = input_scale(x, spec.dac_range, 3)                       # (N, 1, 1, 1) or scalar
+            if spec.dac_bits is not None:
+                x = dac_quantize(x, spec.dac_bits, x_max)
+        W_eff = self.effective_weight_matrix()
+        if not spec.has_adc:
+            weight = W_eff.t().reshape(self.weight.shape)
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, 1)
+        # ADC: the im2col view, one read per output position, tile rows converted separately
+        N = x.shape[0]
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        L = cols.shape[-1]
+        x2 = cols.transpose(1, 2).reshape(N * L, -1)                           # (N*L, fan_in)
+        xm = x_max.reshape(-1, 1).repeat_interleave(L, dim=0) if x_max.dim() else x_max
+        y = adc_apply(x2, W_eff, spec, weight_range(self._weight_matrix(), spec.w_max), xm)
+        h_out = (x.shape[-2] + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        w_out = L // h_out
+        y = y.reshape(N, L, self.out_channels).transpose(1, 2).reshape(N, self.out_channels, h_out, w_out)
+        return y + self.bias.reshape(1, -1, 1, 1) if self.bias is not None else y
