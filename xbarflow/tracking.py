@@ -35,9 +35,28 @@ def tracking_uri(logger_cfg, start_dir: Optional[str] = None) -> str:
 
 
 def client_for(uri: str):
+    """An MlflowClient whose store is ready to use.
+
+    For a SQLite store the first touch runs MLflow's schema migrations; processes
+    that start together on a new file would race on them ("table already exists"),
+    so the first touch is serialised with a lock file next to the database.
+    """
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):].split("?")[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(db) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
 
 
 def experiment_id(client, name: str) -> str:
