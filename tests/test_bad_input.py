@@ -1,0 +1,56 @@
+"""Bad values for every resistance, voltage and sigma: one line naming the key, non-zero exit, no run."""
+import pytest
+
+from conftest import compose, run_cli
+from xbarflow.config import ConfigError, validate
+
+# key -> values that must be rejected (zero is allowed for resistances and sigmas: the ideal limit)
+BAD = {
+    "xbar.r_source": ["-1", "nan", "inf", "-inf"],
+    "xbar.r_sink": ["-1", "nan", "inf"],
+    "xbar.r_wire": ["-0.5", "nan", "inf"],
+    "xbar.v_read": ["0", "-0.2", "nan", "inf"],
+    "hardware.r_on": ["0", "-1", "nan", "inf"],
+    "hardware.r_off": ["0", "-1", "nan", "inf"],
+    "hardware.c2c": ["-0.1", "nan", "inf"],
+    "hardware.d2d": ["-0.1", "nan", "inf"],
+    "xbar.size": ["0", "-64"],
+    "xbar.rows": ["0"],
+    "xbar.cols": ["0"],
+}
+CASES = [(k, v) for k, vs in BAD.items() for v in vs]
+
+
+@pytest.mark.parametrize("key,value", CASES, ids=[f"{k}={v}" for k, v in CASES])
+def test_rejected_with_key_named(key, value):
+    with pytest.raises(ConfigError) as info:
+        validate(compose([f"{key}={value}"]))
+    msg = str(info.value)
+    assert "\n" not in msg and key in msg, msg
+
+
+@pytest.mark.parametrize("key", ["xbar.r_source", "xbar.r_sink", "xbar.r_wire", "hardware.c2c", "hardware.d2d"])
+def test_zero_is_the_ideal_limit_and_allowed(key):
+    validate(compose([f"{key}=0"]))
+
+
+@pytest.mark.parametrize("override", ["xbar.r_sink=nan", "xbar.v_read=0", "hardware.d2d=inf", "xbar.size=0"])
+def test_command_line_rejects_before_any_run(workdir, override):
+    proc = run_cli([override, "experiment=smoke"], cwd=workdir)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and override.split("=")[0] in lines[0], proc.stderr
+    assert not (workdir / "mlflow.db").exists()
+
+
+def test_bad_job_in_a_sweep_is_rejected_and_reported(workdir):
+    proc = run_cli(["-m", "experiment=smoke", "dataset=digits", "xbar.r_source=1000,-5"], cwd=workdir)
+    assert proc.returncode != 0
+    assert "error: xbar.r_source must be >= 0.0 (got -5.0)" in proc.stderr
+    table = proc.stdout[proc.stdout.index("Sweep summary"):]
+    assert "| 0 | FINISHED | 1000 |" in table and "| 1 | REJECTED | -5 |" in table
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("xbarflow").experiment_id])
+    assert not any(r.info.status == "RUNNING" for r in runs)
