@@ -185,3 +185,36 @@ def test_narrow_layer_on_wide_array_uses_few_columns_exactly():
     Wr = torch.randn(20, 3, dtype=torch.float64, requires_grad=True)
     small = CrossbarSpec(rows=24, cols=16, r_source=2e3, r_sink=500.0, w_max=3.0)  # 3 of 16 columns used
     assert torch.autograd.gradcheck(lambda w: effective_weight(w, small), (Wr,))
+
+
+def test_column_gain_calibration_least_squares():
+    """After calibration each column's crossbar output is the least-squares fit of the ideal one."""
+    from xbarflow.nn import calibrate_column_gains, reset_column_gains
+
+    torch.manual_seed(0)
+    model = convert(_mlp(), CrossbarSpec(rows=64, cols=32, r_source=1e3, r_sink=1e3))
+    x = torch.rand(256, 64)
+    layer = model[1]
+    with torch.no_grad():
+        ideal = torch.nn.functional.linear(x, layer.weight)
+        set_mode(model, "nominal")
+        before = layer(x) - layer.bias
+        calibrate_column_gains(model, x)
+        after = layer(x) - layer.bias
+    gain = layer.log_column_gain.exp()
+    assert bool((gain > 1.5).all())  # the parasitics attenuate: the gains undo it
+    err_before = ((before - ideal) ** 2).sum(0)
+    err_after = ((after - ideal) ** 2).sum(0)
+    assert bool((err_after <= err_before).all())
+    # least squares: the residual is orthogonal to the fitted column
+    assert float(((after - ideal) * after).sum(0).abs().max()) < 1e-3 * float((after * after).sum(0).max())
+    set_mode(model, "ideal")
+    assert torch.allclose(model(x), _mlp_like(model)(x))  # ideal mode ignores the gain
+    reset_column_gains(model)
+    assert float(layer.log_column_gain.abs().max()) == 0.0
+
+
+def _mlp_like(xmodel):
+    plain = _mlp()
+    plain.load_state_dict({k: v for k, v in xmodel.state_dict().items() if "log_column_gain" not in k})
+    return plain

@@ -112,6 +112,8 @@ class TrainingConfig:
     epochs: int = rf(10, ge=1)
     batch_size: int = rf(128, ge=1)
     resample_chip: bool = True                   # tech_aware: a fresh chip per step when variation is on
+    pretrain_epochs: int = rf(0, ge=0)           # tech_aware: first epochs ideal (standard), then on the crossbar
+    column_gain: bool = True                     # tech_aware: calibrate and learn a digital gain per output column
     init_from: Optional[str] = None              # path of a state_dict (.pt) to start from
 
 
@@ -223,6 +225,9 @@ def validate(cfg: DictConfig) -> Config:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
     _check_node("", obj)
+    t = obj.training
+    if t.mode == "tech_aware" and t.pretrain_epochs >= t.epochs:
+        raise ConfigError(f"training.pretrain_epochs must be < training.epochs (got {t.pretrain_epochs} >= {t.epochs})")
     hw = obj.hardware
     if not hw.r_off > hw.r_on:
         raise ConfigError(f"hardware.r_off must be > hardware.r_on (got r_on={hw.r_on}, r_off={hw.r_off})")

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from .crossbar.variation import Chip
-from .nn.convert import set_mode
+from .nn.calibration import calibrate_column_gains
+from .nn.convert import set_mode, xbar_layers
 
 # Training chips live in their own seed range so they never coincide with evaluation chips.
 TRAIN_CHIP_SEED_BASE = 10**9
@@ -37,10 +38,15 @@ class CrossbarClassifier(pl.LightningModule):
         self.make_chip = make_chip
         self.seed = seed
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        if not training.column_gain or training.mode != "tech_aware":
+            for layer in xbar_layers(model):
+                layer.log_column_gain.requires_grad_(False)
 
     @property
     def tech_aware(self) -> bool:
-        return self.training_cfg.mode == "tech_aware"
+        """True while training on the crossbar model (after ``pretrain_epochs`` ideal epochs)."""
+        t = self.training_cfg
+        return t.mode == "tech_aware" and self.current_epoch >= t.pretrain_epochs
 
     def forward(self, x):
         return self.model(x)
@@ -60,6 +66,10 @@ class CrossbarClassifier(pl.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx):
         self._train_mode()
+        t = self.training_cfg
+        if self.tech_aware and t.column_gain and batch_idx == 0 and self.current_epoch == t.pretrain_epochs:
+            # entering the crossbar phase: start the gains at their least-squares values
+            calibrate_column_gains(self.model, batch[0])
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from . import tracking
-from .config import validate
+from .config import ConfigError, validate
 from .data import EpochShuffleSampler, build_datasets
 from .evaluation import evaluate
 from .hardware import crossbar_spec, make_chip
@@ -59,9 +59,14 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
     data = build_datasets(typed.dataset)
     spec = crossbar_spec(typed)
     model = build_model(typed.model, data.in_shape, data.num_classes)
-    if typed.training.init_from:
-        model.load_state_dict(torch.load(typed.training.init_from, map_location="cpu"))
     xmodel = convert(model, spec)
+    if typed.training.init_from:
+        # weights.pt of an earlier run (or a plain model's state_dict: gains then start at 1)
+        missing, unexpected = xmodel.load_state_dict(torch.load(typed.training.init_from, map_location="cpu"),
+                                                     strict=False)
+        if unexpected or any(not k.endswith("log_column_gain") for k in missing):
+            raise ConfigError(f"training.init_from {typed.training.init_from} does not fit the model "
+                              f"(missing {missing}, unexpected {unexpected})")
 
     def chip(seed):
         return make_chip(typed, seed)
@@ -167,7 +172,7 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
 
 
 def model_state(model) -> Dict[str, torch.Tensor]:
-    """The software weights (the values to program), loadable into the unconverted model."""
+    """The software weights (the values to program) and digital column gains; `training.init_from` loads them."""
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 

@@ -54,7 +54,8 @@ def _convert_one(m: nn.Module, spec: CrossbarSpec, name: str) -> Optional[nn.Mod
                          dilation=m.dilation, bias=m.bias is not None, spec=spec, name=name, **kw)
     else:
         return None
-    new.load_state_dict(m.state_dict())
+    missing, unexpected = new.load_state_dict(m.state_dict(), strict=False)
+    assert not unexpected and all(k == "log_column_gain" for k in missing), (missing, unexpected)
     return new
 
 

@@ -46,6 +46,18 @@ class _XbarMixin:
         self._cache_key = None
         self._cache_weight: Optional[torch.Tensor] = None
         self._reads = 0  # reads of the current chip so far (read noise)
+        # Digital gain per output column (log scale, 0 = unity), applied after the array in
+        # the non-ideal modes only: the periphery's way to undo the circuit's attenuation.
+        # Technology-aware training calibrates and learns it; standard training leaves it at 1.
+        self.log_column_gain = nn.Parameter(torch.zeros(self.weight.shape[0], device=self.weight.device,
+                                                        dtype=self.weight.dtype))
+
+    def _digital(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        """Column gain and bias, both digital, on the array output ``y`` (channels at ``channel_dim``)."""
+        shape = [1] * y.dim()
+        shape[channel_dim] = -1
+        y = y * self.log_column_gain.exp().reshape(shape)
+        return y + self.bias.reshape(shape) if self.bias is not None else y
 
     def set_mode(self, mode: str, chip: Optional[Chip] = None):
         if mode not in MODES:
@@ -131,14 +143,12 @@ class XbarLinear(_XbarMixin, nn.Linear):
                 # directly (exact, cheaper than forming the effective weight).
                 y = effective_apply(x2, self._weight_matrix(), spec, self._chip(), self.xbar_name,
                                     self._next_read())
-                y = y.reshape(*lead, self.out_features)
-                return y + self.bias if self.bias is not None else y
+                return self._digital(y.reshape(*lead, self.out_features), -1)
         W_eff = self.effective_weight_matrix()
         if spec.has_adc:
             y = adc_apply(x2, W_eff, spec, weight_range(self._weight_matrix(), spec.w_max), x_max)
-            y = y.reshape(*lead, self.out_features)
-            return y + self.bias if self.bias is not None else y
-        return F.linear(x2.reshape(*lead, self.in_features), W_eff.t(), self.bias)
+            return self._digital(y.reshape(*lead, self.out_features), -1)
+        return self._digital(F.linear(x2.reshape(*lead, self.in_features), W_eff.t()), -1)
 
 
 class XbarConv2d(_XbarMixin, nn.Conv2d):
@@ -169,7 +179,7 @@ class XbarConv2d(_XbarMixin, nn.Conv2d):
         W_eff = self.effective_weight_matrix()
         if not spec.has_adc:
             weight = W_eff.t().reshape(self.weight.shape)
-            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, 1)
+            return self._digital(F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, 1), 1)
         # ADC: the im2col view, one read per output position, tile rows converted separately
         N = x.shape[0]
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
@@ -180,4 +190,4 @@ class XbarConv2d(_XbarMixin, nn.Conv2d):
         h_out = (x.shape[-2] + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
         w_out = L // h_out
         y = y.reshape(N, L, self.out_channels).transpose(1, 2).reshape(N, self.out_channels, h_out, w_out)
-        return y + self.bias.reshape(1, -1, 1, 1) if self.bias is not None else y
+        return self._digital(y, 1)

@@ -1,0 +1,218 @@
+"""Paper-style report of a sweep, read back from MLflow.
+
+    python scripts/report.py --experiment paper_fcn --out results/paper_fcn
+    python scripts/report.py --parent <run_id> --out results/x --tracking-uri sqlite:///mlflow.db
+
+Writes into ``--out``: one PNG per swept quantity (crossbar accuracy against crossbar
+size, resistance or variation sigma; one line per training mode, the software accuracy as
+reference, the spread over chips shaded), ``report.md`` (a table of every job) and
+``report.json`` (the same numbers, plus the largest configuration's ``ideal_acc``,
+``standard_xbar_acc``, ``tech_aware_xbar_acc``, ``degradation`` and ``gap``, in points).
+Everything is also logged to the sweep's parent run under ``report/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from xbarflow.tracking import SECTION8, client_for  # noqa: E402
+
+# The quantity a sweep varies, in order of preference, and how to read it from a run's params.
+AXES = {
+    "array": ("crossbar array (rows x cols)", lambda p: _array(p)),
+    "r_source": ("R_source = R_sink (ohm)", lambda p: float(p["xbar.r_source"])),
+    "r_sink": ("R_sink (ohm)", lambda p: float(p["xbar.r_sink"])),
+    "c2c": ("chip-to-chip sigma (c2c)", lambda p: float(p["hardware.c2c"])),
+    "d2d": ("device-to-device sigma (d2d)", lambda p: float(p["hardware.d2d"])),
+    "r_wire": ("R_wire per segment (ohm)", lambda p: float(p["xbar.r_wire"])),
+}
+
+
+def _array(p: Dict[str, str]):
+    rows = p.get("xbar.rows", "None")
+    cols = p.get("xbar.cols", "None")
+    size = int(p["xbar.size"])
+    rows = size if rows in ("None", "null") else int(rows)
+    cols = size if cols in ("None", "null") else int(cols)
+    return (rows, cols)
+
+
+def _label(axis: str, v) -> str:
+    if axis == "array":
+        return f"{v[0]}x{v[1]}"
+    return f"{v:g}"
+
+
+def _sort_key(axis: str, v):
+    return v[0] * v[1] if axis == "array" else v
+
+
+def collect(client, parent_id: str) -> List[Dict[str, Any]]:
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=10000)
+    rows = []
+    for r in runs:
+        if r.info.status != "FINISHED":
+            continue
+        row = {"run_id": r.info.run_id, "params": dict(r.data.params), "mode": r.data.params["training.mode"],
+               "dataset": r.data.params.get("dataset.name", "")}
+        row.update({m: r.data.metrics.get(m, float("nan")) for m in SECTION8})
+        rows.append(row)
+    return rows
+
+
+def swept_axis(rows: List[Dict[str, Any]]) -> str:
+    for axis, (_, get) in AXES.items():
+        try:
+            values = {str(get(r["params"])) for r in rows}
+        except KeyError:
+            continue
+        if len(values) > 1:
+            return axis
+    return "array"
+
+
+def summarise(rows: List[Dict[str, Any]], axis: str) -> Dict[str, Any]:
+    get = AXES[axis][1]
+    for r in rows:
+        r["x"] = get(r["params"])
+        r["x_label"] = _label(axis, r["x"])
+    table = sorted(rows, key=lambda r: (r["dataset"], _sort_key(axis, r["x"]), r["mode"]))
+    largest = max(rows, key=lambda r: _sort_key(axis, r["x"]))["x"]
+    out: Dict[str, Any] = {"axis": axis, "largest": _label(axis, largest), "by_dataset": {}}
+    for ds in sorted({r["dataset"] for r in rows}):
+        at = {r["mode"]: r for r in rows if r["dataset"] == ds and r["x"] == largest}
+        entry: Dict[str, Any] = {}
+        if "standard" in at:
+            ideal = at["standard"]["test/acc_software"]
+            entry["ideal_acc"] = ideal
+            entry["standard_xbar_acc"] = at["standard"]["test/acc_xbar_mean"]
+            entry["standard_xbar_min"] = at["standard"]["test/acc_xbar_min"]
+            entry["degradation"] = ideal - at["standard"]["test/acc_xbar_mean"]
+            if "tech_aware" in at:
+                entry["tech_aware_xbar_acc"] = at["tech_aware"]["test/acc_xbar_mean"]
+                entry["tech_aware_xbar_min"] = at["tech_aware"]["test/acc_xbar_min"]
+                entry["tech_aware_software_acc"] = at["tech_aware"]["test/acc_software"]
+                entry["gap"] = ideal - at["tech_aware"]["test/acc_xbar_mean"]
+        out["by_dataset"][ds] = entry
+    # the headline numbers: the default dataset if present, else the first
+    main = out["by_dataset"].get("mnist5k") or next(iter(out["by_dataset"].values()), {})
+    out.update(main)
+    out["jobs"] = [
+        {"dataset": r["dataset"], "x": r["x_label"], "mode": r["mode"], **{m.replace("test/", ""): r[m] for m in SECTION8}}
+        for r in table
+    ]
+    return out
+
+
+def figure(rows: List[Dict[str, Any]], axis: str, title: str):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = {"standard": "tab:red", "tech_aware": "tab:blue"}
+    for ds in sorted({r["dataset"] for r in rows}):
+        for mode in ("standard", "tech_aware"):
+            rs = sorted((r for r in rows if r["mode"] == mode and r["dataset"] == ds), key=lambda r: _sort_key(axis, r["x"]))
+            if not rs:
+                continue
+            xs = list(range(len(rs))) if axis == "array" else [r["x"] for r in rs]
+            mean = [r["test/acc_xbar_mean"] for r in rs]
+            std = [r["test/acc_xbar_std"] for r in rs]
+            lo = [r["test/acc_xbar_min"] for r in rs]
+            tag = f"{mode}" + (f" ({ds})" if len({r['dataset'] for r in rows}) > 1 else "")
+            c = colours[mode]
+            ax.plot(xs, mean, "o-", color=c, label=f"{tag}: crossbar, mean over chips")
+            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=c, alpha=0.2)
+            ax.plot(xs, lo, "v:", color=c, alpha=0.8, label=f"{tag}: worst chip")
+            if mode == "standard":
+                ax.plot(xs, [r["test/acc_software"] for r in rs], "k--", alpha=0.6, label=f"software (ideal){'' if tag == mode else ' ' + ds}")
+            if axis == "array":
+                ax.set_xticks(xs, [r["x_label"] for r in rs], rotation=30)
+    if axis != "array":
+        ax.set_xscale("log" if axis in ("r_source", "r_sink", "r_wire") and all(r["x"] > 0 for r in rows) else "linear")
+    ax.set_xlabel(AXES[axis][0])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def markdown(summary: Dict[str, Any], name: str) -> str:
+    lines = [f"# {name}", "", f"Swept: {AXES[summary['axis']][0]}; accuracies in %, crossbar = mean over chips (min).", ""]
+    lines.append("| dataset | config | training | software | nominal xbar | xbar mean ± std | xbar min |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for j in summary["jobs"]:
+        lines.append(f"| {j['dataset']} | {j['x']} | {j['mode']} | {j['acc_software']:.2f} | {j['acc_xbar_nominal']:.2f} | "
+                     f"{j['acc_xbar_mean']:.2f} ± {j['acc_xbar_std']:.2f} | {j['acc_xbar_min']:.2f} |")
+    lines += ["", f"Largest configuration ({summary['largest']}):", ""]
+    lines.append("| dataset | ideal (software, standard) | standard on crossbar | tech-aware on crossbar | degradation (pts) | gap (pts) |")
+    lines.append("|---|---|---|---|---|---|")
+    for ds, e in summary["by_dataset"].items():
+        if "gap" in e:
+            lines.append(f"| {ds} | {e['ideal_acc']:.2f} | {e['standard_xbar_acc']:.2f} | {e['tech_aware_xbar_acc']:.2f} | "
+                         f"{e['degradation']:.2f} | {e['gap']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--experiment", help="MLflow experiment name: its most recent sweep is reported")
+    g.add_argument("--parent", help="parent run id of the sweep")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{os.path.abspath('mlflow.db')}"))
+    ap.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
+    args = ap.parse_args(argv)
+
+    client = client_for(args.tracking_uri)
+    if args.parent:
+        parent_id = args.parent
+    else:
+        exp = client.get_experiment_by_name(args.experiment)
+        if exp is None:
+            print(f"error: no MLflow experiment named {args.experiment!r} at {args.tracking_uri}", file=sys.stderr)
+            return 2
+        parents = client.search_runs([exp.experiment_id], "tags.sweep = 'parent'", order_by=["attributes.start_time DESC"])
+        if not parents:
+            print(f"error: experiment {args.experiment!r} has no sweep (parent run)", file=sys.stderr)
+            return 2
+        parent_id = parents[0].info.run_id
+    rows = collect(client, parent_id)
+    if not rows:
+        print(f"error: sweep {parent_id} has no finished runs", file=sys.stderr)
+        return 2
+    name = args.experiment or client.get_experiment(client.get_run(parent_id).info.experiment_id).name
+    axis = swept_axis(rows)
+    summary = summarise(rows, axis)
+    summary.update({"experiment": name, "parent_run_id": parent_id})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig = figure(rows, axis, name)
+    png = out / f"accuracy_vs_{axis}.png"
+    fig.savefig(png, dpi=130)
+    plt.close(fig)
+    (out / "report.md").write_text(markdown(summary, name))
+    (out / "report.json").write_text(json.dumps(summary, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+    if not args.no_log:
+        for f in (png, out / "report.md", out / "report.json"):
+            client.log_artifact(parent_id, str(f), artifact_path="report")
+    print((out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
