@@ -59,10 +59,15 @@ def _sort_key(axis: str, v):
     return v[0] * v[1] if axis == "array" else v
 
 
-def collect(client, parent_id: str) -> List[Dict[str, Any]]:
-    parent = client.get_run(parent_id)
-    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
-                              max_results=10000)
+def collect(client, parent_ids: List[str]) -> List[Dict[str, Any]]:
+    """Finished child runs of the given sweeps; a later sweep's run replaces an earlier one
+    of the same dataset, configuration and training mode."""
+    runs = []
+    for parent_id in parent_ids:
+        parent = client.get_run(parent_id)
+        runs += client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                                   max_results=10000)
+    runs.sort(key=lambda r: r.info.start_time)
     rows = []
     for r in runs:
         if r.info.status != "FINISHED":
@@ -72,6 +77,14 @@ def collect(client, parent_id: str) -> List[Dict[str, Any]]:
         row.update({m: r.data.metrics.get(m, float("nan")) for m in SECTION8})
         rows.append(row)
     return rows
+
+
+def dedupe(rows: List[Dict[str, Any]], axis: str) -> List[Dict[str, Any]]:
+    get = AXES[axis][1]
+    latest: Dict[Any, Dict[str, Any]] = {}
+    for r in rows:  # in start order: the last one wins
+        latest[(r["dataset"], str(get(r["params"])), r["mode"])] = r
+    return list(latest.values())
 
 
 def swept_axis(rows: List[Dict[str, Any]]) -> str:
@@ -121,25 +134,29 @@ def summarise(rows: List[Dict[str, Any]], axis: str) -> Dict[str, Any]:
 def figure(rows: List[Dict[str, Any]], axis: str, title: str):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colours = {"standard": "tab:red", "tech_aware": "tab:blue"}
-    for ds in sorted({r["dataset"] for r in rows}):
+    order = sorted({r["x"] for r in rows}, key=lambda v: _sort_key(axis, v))
+    position = {v: i for i, v in enumerate(order)}
+    datasets = sorted({r["dataset"] for r in rows}, key=lambda d: (d != "mnist5k", d))
+    markers = dict(zip(datasets, ["o", "s", "D", "^"]))
+    for ds in datasets:
         for mode in ("standard", "tech_aware"):
             rs = sorted((r for r in rows if r["mode"] == mode and r["dataset"] == ds), key=lambda r: _sort_key(axis, r["x"]))
             if not rs:
                 continue
-            xs = list(range(len(rs))) if axis == "array" else [r["x"] for r in rs]
+            xs = [position[r["x"]] for r in rs] if axis == "array" else [r["x"] for r in rs]
             mean = [r["test/acc_xbar_mean"] for r in rs]
             std = [r["test/acc_xbar_std"] for r in rs]
             lo = [r["test/acc_xbar_min"] for r in rs]
             tag = f"{mode}" + (f" ({ds})" if len({r['dataset'] for r in rows}) > 1 else "")
             c = colours[mode]
-            ax.plot(xs, mean, "o-", color=c, label=f"{tag}: crossbar, mean over chips")
+            ax.plot(xs, mean, markers[ds] + "-", color=c, label=f"{tag}: crossbar, mean over chips")
             ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=c, alpha=0.2)
             ax.plot(xs, lo, "v:", color=c, alpha=0.8, label=f"{tag}: worst chip")
             if mode == "standard":
                 ax.plot(xs, [r["test/acc_software"] for r in rs], "k--", alpha=0.6, label=f"software (ideal){'' if tag == mode else ' ' + ds}")
-            if axis == "array":
-                ax.set_xticks(xs, [r["x_label"] for r in rs], rotation=30)
-    if axis != "array":
+    if axis == "array":
+        ax.set_xticks(range(len(order)), [_label(axis, v) for v in order], rotation=30)
+    else:
         ax.set_xscale("log" if axis in ("r_source", "r_sink", "r_wire") and all(r["x"] > 0 for r in rows) else "linear")
     ax.set_xlabel(AXES[axis][0])
     ax.set_ylabel("test accuracy (%)")
@@ -171,8 +188,8 @@ def markdown(summary: Dict[str, Any], name: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--experiment", help="MLflow experiment name: its most recent sweep is reported")
-    g.add_argument("--parent", help="parent run id of the sweep")
+    g.add_argument("--experiment", help="MLflow experiment name: all its sweeps are reported together")
+    g.add_argument("--parent", action="append", help="parent run id of a sweep (repeatable)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{os.path.abspath('mlflow.db')}"))
     ap.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
@@ -180,7 +197,7 @@ def main(argv=None) -> int:
 
     client = client_for(args.tracking_uri)
     if args.parent:
-        parent_id = args.parent
+        parent_ids = args.parent
     else:
         exp = client.get_experiment_by_name(args.experiment)
         if exp is None:
@@ -190,15 +207,17 @@ def main(argv=None) -> int:
         if not parents:
             print(f"error: experiment {args.experiment!r} has no sweep (parent run)", file=sys.stderr)
             return 2
-        parent_id = parents[0].info.run_id
-    rows = collect(client, parent_id)
+        parent_ids = [p.info.run_id for p in parents]
+    parent_id = parent_ids[0]  # the most recent sweep receives the report
+    rows = collect(client, parent_ids)
     if not rows:
-        print(f"error: sweep {parent_id} has no finished runs", file=sys.stderr)
+        print(f"error: sweeps {parent_ids} have no finished runs", file=sys.stderr)
         return 2
     name = args.experiment or client.get_experiment(client.get_run(parent_id).info.experiment_id).name
     axis = swept_axis(rows)
+    rows = dedupe(rows, axis)
     summary = summarise(rows, axis)
-    summary.update({"experiment": name, "parent_run_id": parent_id})
+    summary.update({"experiment": name, "parent_run_ids": parent_ids})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fig = figure(rows, axis, name)
