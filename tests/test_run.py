@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 def _client(workdir):
@@ -57,6 +57,26 @@ def test_sweep_makes_parent_children_and_table(workdir):
     table = client.download_artifacts(parent.info.run_id, "sweep_summary.csv", str(workdir))
     rows = open(table).read().splitlines()
     assert rows[0].startswith("job,status,training") and len(rows) == 3
+
+    # the paper-style report of the same sweep
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import report
+
+    out = workdir / "report"
+    assert report.main(["--experiment", "xbarflow", "--out", str(out),
+                        "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}"]) == 0
+    summary = json.loads((out / "report.json").read_text())
+    std = {r.data.tags["training"]: r.data.metrics for r in children}
+    assert summary["ideal_acc"] == std["standard"]["test/acc_software"]
+    assert summary["standard_xbar_acc"] == std["standard"]["test/acc_xbar_mean"]
+    assert summary["tech_aware_xbar_acc"] == std["tech_aware"]["test/acc_xbar_mean"]
+    assert abs(summary["degradation"] - (summary["ideal_acc"] - summary["standard_xbar_acc"])) < 1e-9
+    assert abs(summary["gap"] - (summary["ideal_acc"] - summary["tech_aware_xbar_acc"])) < 1e-9
+    assert (out / "accuracy_vs_array.png").stat().st_size > 10_000 and (out / "report.md").exists()
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.json", "report/report.md", "report/accuracy_vs_array.png"} <= logged
 
 
 def test_user_device_through_searchpath(workdir, tmp_path_factory):
