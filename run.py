@@ -24,6 +24,14 @@ def main(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    n_jobs = hc.launcher.get("n_jobs", 1) if multirun else 1
+    if isinstance(n_jobs, int) and n_jobs > 1:
+        # parallel local jobs share the cores: one job's intra-op threads should not oversubscribe them
+        import os
+
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
     try:
         metrics = run_experiment(
             cfg,

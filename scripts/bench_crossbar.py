@@ -114,7 +114,8 @@ def make_step(model, x, target, lr=0.01):
         loss.backward()
         with torch.no_grad():
             for p in params:
-                p.add_(p.grad, alpha=-lr)  # plain SGD step, in place as torch.optim.SGD does
+                if p.grad is not None:  # the column gains get none in ideal mode, as torch.optim skips them
+                    p.add_(p.grad, alpha=-lr)  # plain SGD step, in place as torch.optim.SGD does
         return loss
 
     return step
