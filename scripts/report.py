@@ -34,7 +34,7 @@ AXES = {
     "array": ("crossbar array (rows x cols)", lambda p: _array(p)),
     "r_source": ("R_source = R_sink (ohm)", lambda p: float(p["xbar.r_source"])),
     "r_sink": ("R_sink (ohm)", lambda p: float(p["xbar.r_sink"])),
-    "c2c": ("chip-to-chip sigma (c2c)", lambda p: float(p["hardware.c2c"])),
+    "c2c": ("chip variation sigma (c2c)", lambda p: float(p["hardware.c2c"])),
     "d2d": ("device-to-device sigma (d2d)", lambda p: float(p["hardware.d2d"])),
     "r_wire": ("R_wire per segment (ohm)", lambda p: float(p["xbar.r_wire"])),
 }
