@@ -218,3 +218,22 @@ def _mlp_like(xmodel):
     plain = _mlp()
     plain.load_state_dict({k: v for k, v in xmodel.state_dict().items() if "log_column_gain" not in k})
     return plain
+
+
+def test_effective_weight_equals_the_physical_read_out():
+    """Voltages in, currents through both arrays, differential rescale out == x @ W_eff (section 3)."""
+    from xbarflow.crossbar import solve
+    from xbarflow.crossbar.mapping import input_voltages, output_from_currents
+
+    torch.manual_seed(0)
+    W = torch.randn(40, 30, dtype=torch.float64)
+    x = torch.rand(7, 40, dtype=torch.float64) * 3.0
+    spec = CrossbarSpec(rows=40, cols=30, r_source=800.0, r_sink=1200.0, v_read=0.25)
+    G_pos, G_neg, k = conductance_pair(W, spec.g_min, spec.g_max)
+    x_max = float(x.max())
+    V = input_voltages(x, spec.v_read, x_max)
+    I_pos = solve(G_pos, V, r_source=spec.r_source, r_sink=spec.r_sink)
+    I_neg = solve(G_neg, V, r_source=spec.r_source, r_sink=spec.r_sink)
+    y = output_from_currents(I_pos, I_neg, k, spec.v_read, x_max)
+    assert torch.allclose(y, x @ effective_weight(W, spec), rtol=1e-10, atol=1e-12)
+    assert float((y - x @ W).abs().max()) > 1e-2  # the parasitics do change the product
