@@ -109,10 +109,12 @@ def test_chip_mode_changes_output_and_is_cached():
         cached = layer._cache_weight
         assert torch.equal(model(x), y1) and layer._cache_weight is cached  # reused, not recomputed
         set_mode(model, "chip", Chip(seed=2, c2c=0.05, d2d=0.1))
-        assert not torch.allclose(model(x), y1)
+        y2 = model(x)
+        assert not torch.allclose(y2, y1)
+        cached2 = layer._cache_weight
         model[1].weight.add_(0.01)  # a weight update invalidates the cache
         y3 = model(x)
-        assert layer._cache_weight is not cached
+        assert layer._cache_weight is not cached2 and not torch.allclose(y3, y2)
 
 
 def test_training_gradient_flows_through_circuit():

@@ -1,8 +1,6 @@
 """End-to-end runs through run.py, read back from MLflow."""
 import json
 
-import pytest
-
 from conftest import REPO, run_cli
 
 

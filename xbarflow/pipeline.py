@@ -125,7 +125,7 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
         if fresh:
             resolved = OmegaConf.to_container(cfg, resolve=True)
             tracking.log_params(client, run_id, tracking.flatten(resolved))
-            tracking.log_text(client, run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         logger = MLFlowLogger(experiment_name=typed.logger.experiment_name, tracking_uri=uri, run_id=run_id)
         tc = typed.trainer
         trainer = pl.Trainer(
@@ -153,7 +153,7 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
         for i, acc in enumerate(per_chip):
             tracking.log_metrics(client, run_id, {"test/acc_xbar_chip": acc}, step=i)
         fig = _chip_figure(per_chip, metrics)
-        tracking.log_figure(client, run_id, fig, "chip_accuracy.png")
+        client.log_figure(run_id, fig, "chip_accuracy.png")
         import matplotlib.pyplot as plt
 
         plt.close(fig)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 PARENT_FILE = "mlflow_parent.json"
 FAILURES_FILE = "failed_jobs.jsonl"
@@ -106,14 +106,6 @@ def log_metrics(client, run_id: str, metrics: Dict[str, float], step: int = 0) -
     items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     for i in range(0, len(items), 1000):
         client.log_batch(run_id, metrics=items[i:i + 1000])
-
-
-def log_text(client, run_id: str, text: str, artifact_file: str) -> None:
-    client.log_text(run_id, text, artifact_file)
-
-
-def log_figure(client, run_id: str, fig, artifact_file: str) -> None:
-    client.log_figure(run_id, fig, artifact_file)
 
 
 def mark_terminated(client, run_id: str, exc: Optional[BaseException]) -> None:
@@ -278,7 +270,7 @@ class MlflowSweepCallback(Callback):
         rows = sweep_table(client, self._run_id, str(config.hydra.sweep.dir))
         table = format_table(rows)
         print("\nSweep summary (accuracy in %):\n" + table, flush=True)
-        log_text(client, self._run_id, table + "\n", "sweep_summary.md")
+        client.log_text(self._run_id, table + "\n", "sweep_summary.md")
         csv = io.StringIO()
         cols: List[str] = []
         for r in rows:
@@ -286,10 +278,10 @@ class MlflowSweepCallback(Callback):
         csv.write(",".join(cols) + "\n")
         for r in rows:
             csv.write(",".join(str(r.get(c, "")) for c in cols) + "\n")
-        log_text(client, self._run_id, csv.getvalue(), "sweep_summary.csv")
+        client.log_text(self._run_id, csv.getvalue(), "sweep_summary.csv")
         if rows:
             fig = sweep_figure(rows)
-            log_figure(client, self._run_id, fig, "sweep_accuracy.png")
+            client.log_figure(self._run_id, fig, "sweep_accuracy.png")
             import matplotlib.pyplot as plt
 
             plt.close(fig)
