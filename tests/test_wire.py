@@ -11,6 +11,7 @@ import scipy.sparse.linalg as spla
 import torch
 
 from xbarflow.crossbar import transfer_matrix
+from xbarflow.crossbar import wire
 from xbarflow.crossbar.wire import transfer_matrix_wire
 
 
@@ -162,6 +163,54 @@ def test_gradcheck(rows, cols, r_source, r_sink, r_wire):
         return transfer_matrix_wire(G, r_source=r_source, r_sink=r_sink, r_wire=r_wire)
 
     assert torch.autograd.gradcheck(f, (G,), eps=1e-9, atol=1e-9, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows,cols,r_wire", [(6, 5, 2.5), (5, 6, 10.0), (9, 4, 40.0)])
+def test_gradcheck_series_path(rows, cols, r_wire):
+    # rho = 2 r_wire max column sum of G < 0.9: the column steps use the Neumann series
+    rng = np.random.default_rng(11)
+    G = torch.tensor(rng.uniform(1e-4, 1e-3, size=(rows, cols)), requires_grad=True)
+    Gd = G.detach()
+    rho = 2 * r_wire * float(Gd.sum(0).max() if rows >= cols else Gd.sum(1).max())
+    assert wire._series_terms(rho, torch.float64) > 0
+
+    def f(G):
+        return transfer_matrix_wire(G, r_source=700.0, r_sink=300.0, r_wire=r_wire)
+
+    assert torch.autograd.gradcheck(f, (G,), eps=1e-9, atol=1e-9, rtol=1e-6)
+
+
+def test_second_backward_after_pool_reuse():
+    # the sweep's buffers go back to a pool after a backward; a retained graph must
+    # recompute them, even after another call of the same shape took them over
+    rng = np.random.default_rng(12)
+    kw = dict(r_source=1e3, r_sink=1e3, r_wire=2.5)
+    G = torch.tensor(_G(rng, 12, 12), requires_grad=True)
+    W = torch.tensor(rng.standard_normal((12, 12)))
+    loss = (transfer_matrix_wire(G, **kw) * W).sum()
+    (g1,) = torch.autograd.grad(loss, G, retain_graph=True)
+    other = torch.tensor(_G(rng, 12, 12), requires_grad=True)
+    (transfer_matrix_wire(other, **kw) * W).sum().backward()
+    (g2,) = torch.autograd.grad(loss, G)
+    assert torch.equal(g1, g2)
+
+
+def test_row_generator_fallback_matches(monkeypatch):
+    # the exp(-|C_j - C_l|) form of the row impedances (used only if the outer-product
+    # generators could overflow) gives the same T and gradient
+    rng = np.random.default_rng(13)
+    G = torch.tensor(_G(rng, 10, 7), requires_grad=True)
+    W = torch.tensor(rng.standard_normal((10, 7)))
+    results = []
+    for fraction in (0.25, 0.0):
+        monkeypatch.setattr(wire, "_OUTER_SPAN_FRACTION", fraction)
+        for r_source in (1e3, 0.0):
+            T = transfer_matrix_wire(G, r_source=r_source, r_sink=500.0, r_wire=5.0)
+            (g,) = torch.autograd.grad((T * W).sum(), G)
+            results.append((T.detach(), g))
+    for (T_a, g_a), (T_b, g_b) in zip(results[:2], results[2:]):
+        assert _rel_err(T_b.numpy(), T_a.numpy()) <= 1e-12
+        assert _rel_err(g_b.numpy(), g_a.numpy()) <= 1e-10
 
 
 def test_gradient_matches_finite_difference_of_realistic_tile():

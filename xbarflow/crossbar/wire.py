@@ -68,6 +68,10 @@ import torch
 
 __all__ = ["transfer_matrix_wire"]
 
+# The row generators p = exp(-C), q = Zd exp(C) are used while the span of C stays below
+# this fraction of the dtype's largest exponent (always, for physical values).
+_OUTER_SPAN_FRACTION = 0.25
+
 # Longest Neumann series (number of terms, a power of two) before a batched LU inverse
 # is cheaper: 2 * log2(N) - 2 products against one LU inverse (~15 products at 64x64).
 _MAX_SERIES_TERMS = 64
@@ -147,7 +151,7 @@ class _RowChains:
             C[..., 2:] = torch.cumsum(log_rho, dim=-1)
         rho0 = Zl[..., 0] / (Zl[..., 0] + r_wire) if n > 1 else torch.zeros_like(G[..., 0])
         span = float(-C[..., -1].min()) if n > 2 else 0.0
-        self.outer = span < 0.25 * math.log(torch.finfo(G.dtype).max)
+        self.outer = span < _OUTER_SPAN_FRACTION * math.log(torch.finfo(G.dtype).max)
         if self.outer:
             p = torch.exp(-C)
             p[..., 0] = rho0
@@ -159,35 +163,37 @@ class _RowChains:
         idx = torch.arange(n, device=G.device)
         self.upper = idx[:, None] < idx[None, :]
 
-    def _offdiag_impedance(self, i: int) -> torch.Tensor:
-        """Z of row i's chain (ohm, ``(B, n, n)``), ports grounded; its diagonal is not set."""
+    def _offdiag_impedance(self, i: int, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+        """Z of row i's chain (ohm, ``(B, n, n)``) into ``out``, ports grounded; diagonal not set."""
         if self.outer:
-            P = self.p[:, i, :, None] * self.q[:, i, None, :]  # p_j q_l, valid for j < l
-            return torch.where(self.upper, P, P.mT)
+            P = torch.mul(self.p[:, i, :, None], self.q[:, i, None, :], out=tmp)  # p_j q_l, for j < l
+            return torch.where(self.upper, P, P.mT, out=out)
         C, Zd = self.C[:, i], self.Zd[:, i]
         idx = torch.arange(C.shape[-1], device=C.device)
         Z = Zd[:, torch.maximum(idx[:, None], idx[None, :])] * torch.exp(-(C[:, :, None] - C[:, None, :]).abs())
-        first = torch.ones_like(Z)
-        first[:, 0, 1:] = self.rho0[:, i, None]
-        first[:, 1:, 0] = self.rho0[:, i, None]
-        return Z * first
+        Z[:, 0, 1:] *= self.rho0[:, i, None]
+        Z[:, 1:, 0] *= self.rho0[:, i, None]
+        return out.copy_(Z)
 
-    def admittance(self, i: int) -> torch.Tensor:
-        """``Y_i = D - D Z D`` (S, ``(B, n, n)``), the Norton admittance of row i."""
+    def admittance(self, i: int, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+        """``Y_i = D - D Z D`` (S, ``(B, n, n)``), the Norton admittance of row i, into ``out``."""
         if self.outer:
-            O = self.neg_dp[:, i, :, None] * self.dq[:, i, None, :]
-            Y = torch.where(self.upper, O, O.mT)
+            O = torch.mul(self.neg_dp[:, i, :, None], self.dq[:, i, None, :], out=tmp)
+            Y = torch.where(self.upper, O, O.mT, out=out)
         else:
             d = self.d[:, i]
-            Y = self._offdiag_impedance(i) * (-d[:, :, None]) * d[:, None, :]
+            Y = self._offdiag_impedance(i, out, tmp).mul_(-d[:, :, None]).mul_(d[:, None, :])
         Y.diagonal(dim1=-2, dim2=-1).copy_(self.Y_diag[:, i])
         return Y
 
-    def conductance_grad(self, i: int, Ybar: torch.Tensor) -> torch.Tensor:
-        """Adjoint of ``G[:, i]`` from ``Ybar_i``: ``((M Ybar^T) * M).sum(-1)``, ``M = I - Z D``."""
-        M = self._offdiag_impedance(i) * (-self.d[:, i, None, :])
+    def conductance_grad(self, i: int, Ybar: torch.Tensor, tmp1: torch.Tensor, tmp2: torch.Tensor) -> torch.Tensor:
+        """Adjoint of ``G[:, i]`` from ``Ybar_i``: ``((M Ybar^T) * M).sum(-1)``, ``M = I - Z D``.
+
+        ``tmp1`` and ``tmp2`` (``(B, n, n)``) are overwritten.
+        """
+        M = self._offdiag_impedance(i, tmp1, tmp2).mul_(-self.d[:, i, None, :])
         M.diagonal(dim1=-2, dim2=-1).copy_(self.M_diag[:, i])
-        return (torch.bmm(M, Ybar.mT) * M).sum(-1)
+        return torch.bmm(M, Ybar.mT, out=tmp2).mul_(M).sum(-1)
 
 
 # --------------------------------------------------------------------------- sweep
@@ -206,25 +212,105 @@ def _series_terms(rho: float, dtype: torch.dtype) -> int:
     return N if N <= _MAX_SERIES_TERMS else 0
 
 
-def _near_identity_inverse(E: torch.Tensor, r: float, terms: int, eye: torch.Tensor) -> torch.Tensor:
-    """``(I + r E)^-1`` for symmetric E with ``rho(rE) < 1``, truncated after ``(-rE)^(terms-1)``.
+def _column_step(E: torch.Tensor, r: float, terms: int, eye: torch.Tensor,
+                 F_out: torch.Tensor, X_out: torch.Tensor, tmp1: torch.Tensor, tmp2: torch.Tensor) -> None:
+    """One wire segment in series: ``F = (I + rE)^-1 E`` and ``X = (I + rE)^-1 = I - r F``.
 
-    ``(I - A)(I + A^2)(I + A^4)...`` with ``A = r E`` sums the Neumann series to ``terms``
-    (a power of two) with ``2 log2(terms) - 2`` products; ``terms == 0`` means a batched
-    LU inverse.
+    For symmetric E with ``rho(rE) < 1``, ``F = E (I - A)(I + A^2)(I + A^4)...`` with
+    ``A = r E`` sums the Neumann series to ``terms`` (a power of two) with
+    ``2 log2(terms) - 1`` products; ``X = I - r F`` then costs no product and loses
+    nothing to cancellation (``r F`` is of size rho). ``terms == 0`` means a batched LU
+    inverse. ``tmp1`` and ``tmp2`` (same shape) are overwritten.
     """
     if terms == 0:
-        return torch.linalg.inv(torch.add(eye, E, alpha=r))
+        torch.bmm(X_out.copy_(torch.linalg.inv(torch.add(eye, E, alpha=r))), E, out=F_out)
+        return
     if terms == 1:
-        return eye.expand_as(E).clone()
-    X = torch.add(eye, E, alpha=-r)
-    P = None
-    n = 2
-    while n < terms:
-        P = torch.bmm(E, E) * (r * r) if P is None else torch.bmm(P, P)
-        X = torch.baddbmm(X, X, P)
-        n *= 2
-    return X
+        F_out.copy_(E)
+    else:
+        S = torch.bmm(E, E, out=tmp1)
+        F = torch.add(E, S, alpha=-r, out=F_out if terms == 2 else tmp2)  # E (I - A)
+        P = S.mul_(r * r)  # A^2
+        n = 2
+        while n < terms:
+            n *= 2
+            F = torch.baddbmm(F, F, P, out=F_out if n >= terms else None)
+            if n < terms:
+                P = torch.bmm(P, P)
+    torch.add(eye, F_out, alpha=-r, out=X_out)
+
+
+class _Pool:
+    """Reuses the sweep's large buffers across calls (states kept for the backward, workspace).
+
+    A training step keeps ``2 * rows`` admittance-sized states per tile alive until its
+    backward and needs a dozen more as workspace; fresh memory for them costs page
+    faults comparable to the products themselves (the C allocator returns freed
+    blocks of this size to the system). A backward returns its buffers here; a second
+    backward through the same graph (``retain_graph``) recomputes them from the saved G.
+    """
+
+    def __init__(self):
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take(self, shape, dtype, device) -> torch.Tensor:
+        free = self._free.get((tuple(shape), dtype, device))
+        return free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
+
+    def give(self, *bufs: torch.Tensor) -> None:
+        for buf in bufs:
+            free = self._free.setdefault((tuple(buf.shape), buf.dtype, buf.device), [])
+            if len(free) < 8:
+                free.append(buf)
+
+
+_POOL = _Pool()
+
+
+def _sweep(G: torch.Tensor, r_source: float, r_sink: float, r_wire: float, keep: bool):
+    """Forward sweep of ``(B, m, n)`` tiles; returns ``T`` and, if ``keep``, the states for the adjoint.
+
+    J is held transposed, ``Jt`` of shape ``(B, m, n)``, so that the inputs carried so far,
+    ``Jt[:, :i]``, are a contiguous block of every tile's matrix.
+    """
+    B, m, n = G.shape
+    dt, dev = G.dtype, G.device
+    eye = torch.eye(n, dtype=dt, device=dev)
+    rows_ = _RowChains(G, r_source, r_wire)
+    # |E| (max abs row sum) never exceeds twice the largest column sum of G
+    rho = 2.0 * r_wire * float(G.abs().sum(-2).max()) if m > 1 else 0.0
+    terms = _series_terms(rho, dt)
+    # E_k of every row (and X_k of every step) is kept for the backward; without
+    # gradients two alternating slots suffice
+    slots = m if keep else 2
+    Es = _POOL.take((slots, B, n, n), dt, dev)
+    Xs = _POOL.take((max(slots - 1, 1), B, n, n), dt, dev)
+    work = _POOL.take((3, B, n, n), dt, dev)
+    flat = _POOL.take((B * m * n,), dt, dev)
+
+    rows_.admittance(0, out=Es[0], tmp=work[0])
+    Jt = G.new_zeros(B, m, n)
+    torch.sum(Es[0], -1, out=Jt[:, 0])
+    for i in range(1, m):
+        E, E_new, X = Es[(i - 1) % slots], Es[i % slots], Xs[(i - 1) % (slots - 1)]
+        F = work[2]
+        _column_step(E, r_wire, terms, eye, F_out=F, X_out=X, tmp1=work[0], tmp2=work[1])
+        Y = rows_.admittance(i, out=E_new, tmp=work[0])
+        torch.sum(Y, -1, out=Jt[:, i])  # y_i = Y_i 1
+        Y += F  # E_i = X E_{i-1} + Y_i, symmetric (X is a polynomial in E)
+        # J' = X J, i.e. Jt' = Jt X (X symmetric)
+        Jt[:, :i] = torch.bmm(Jt[:, :i], X, out=flat[:B * i * n].view(B, i, n))
+    E = Es[(m - 1) % slots]
+    if r_sink > 0.0:
+        Xk = torch.linalg.inv(torch.add(eye, E, alpha=r_sink))  # SPD, spectrum in [1, 1 + r_sink |E|]
+        Out_t = torch.bmm(Jt, Xk)
+    else:
+        Xk, Out_t = None, Jt
+    _POOL.give(work, flat)
+    if not keep:
+        _POOL.give(Es, Xs)
+        return Out_t, None
+    return Out_t, (rows_, Es, Xs, Xk, Jt, Out_t)
 
 
 class _WireSweep(torch.autograd.Function):
@@ -232,58 +318,52 @@ class _WireSweep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, G, r_source, r_sink, r_wire):
-        B, m, n = G.shape
-        eye = torch.eye(n, dtype=G.dtype, device=G.device)
-        rows_ = _RowChains(G, r_source, r_wire)
-        # |E| (max abs row sum) never exceeds twice the largest column sum of G
-        rho = 2.0 * r_wire * float(G.abs().sum(-2).max()) if m > 1 else 0.0
-        terms = _series_terms(rho, G.dtype)
-
-        E = rows_.admittance(0)
-        J = G.new_zeros(B, n, m)
-        J[:, :, 0] = E.sum(-1)
-        Es, Xs = [], []
-        for i in range(1, m):
-            X = _near_identity_inverse(E, r_wire, terms, eye)
-            Es.append(E)
-            Xs.append(X)
-            Y = rows_.admittance(i)
-            E = torch.baddbmm(Y, X, E)  # X E + Y_i; X E is symmetric (X is a polynomial in E)
-            J[:, :, :i] = X @ J[:, :, :i]
-            J[:, :, i] = Y.sum(-1)
-        if r_sink > 0.0:
-            Xk = torch.linalg.inv(eye + r_sink * E)  # SPD, spectrum in [1, 1 + r_sink |E|]
-            Out = Xk @ J
-        else:
-            Xk, Out = None, J
-        ctx.rows_, ctx.Es, ctx.Xs, ctx.Xk = rows_, Es, Xs, Xk
-        ctx.r_sink, ctx.r_wire = r_sink, r_wire
-        ctx.save_for_backward(J, Out)
-        return Out.mT
+        keep = ctx.needs_input_grad[0]
+        T, state = _sweep(G, r_source, r_sink, r_wire, keep)
+        if keep:
+            ctx.state = state
+            ctx.args = (r_source, r_sink, r_wire)
+            ctx.save_for_backward(G)
+        return T
 
     @staticmethod
     def backward(ctx, Tbar):
-        J, Out = ctx.saved_tensors
-        rows_, Es, Xs, Xk = ctx.rows_, ctx.Es, ctx.Xs, ctx.Xk
-        r_wire = ctx.r_wire
-        B, n, m = J.shape
-        Outbar = Tbar.mT
-        J = J.clone()
+        (G,) = ctx.saved_tensors
+        r_source, r_sink, r_wire = ctx.args
+        if ctx.state is None:  # a second backward through the same graph (retain_graph)
+            ctx.state = _sweep(G, r_source, r_sink, r_wire, True)[1]
+        rows_, Es, Xs, Xk, Jt, Out_t = ctx.state
+        B, m, n = Jt.shape
+        dt, dev = Jt.dtype, Jt.device
+        work = _POOL.take((5, B, n, n), dt, dev)
+        flat = _POOL.take((2, B * m * n), dt, dev)
+        Jt = Jt.clone()
+        Tbar = Tbar.contiguous()
+        # Jbar and Ebar (transposed like J); T = Out^T with Out = Xk J
         if Xk is not None:
-            Jbar = Xk @ Outbar
-            Ebar = -ctx.r_sink * (Jbar @ Out.mT)
+            Jbar_t = torch.bmm(Tbar, Xk)
+            Ebar = torch.bmm(Jbar_t.mT, Out_t, out=work[3]).mul_(-r_sink)
         else:
-            Jbar = Outbar.clone()
-            Ebar = torch.zeros_like(Es[0]) if Es else J.new_zeros(B, n, n)
-        Gbar = torch.empty(B, m, n, dtype=J.dtype, device=J.device)
+            Jbar_t = Tbar.clone()
+            Ebar = work[3].zero_()
+        Ebar_next = work[4]
+        Gbar = torch.empty(B, m, n, dtype=dt, device=dev)
         for i in range(m - 1, 0, -1):
             # Y_i enters E_i directly and J through y_i = Y_i 1
-            Gbar[:, i] = rows_.conductance_grad(i, Ebar + Jbar[:, :, i, None])
+            Ybar = torch.add(Ebar, Jbar_t[:, i, :, None], out=work[0])
+            Gbar[:, i] = rows_.conductance_grad(i, Ybar, tmp1=work[1], tmp2=work[2])
             X, E_prev = Xs[i - 1], Es[i - 1]
-            Ja = J[:, :, :i]  # X J_prev
-            Z = torch.matmul(X, Jbar[:, :, :i])
-            Ebar = torch.baddbmm(torch.bmm(torch.bmm(X, Ebar), X), Z, Ja.mT, alpha=-r_wire)
-            Jbar[:, :, :i] = Z
-            J[:, :, :i] = torch.baddbmm(Ja, E_prev, Ja, alpha=r_wire)  # (I + r_wire E_prev) X J_prev
-        Gbar[:, 0] = rows_.conductance_grad(0, Ebar + Jbar[:, :, 0, None])
+            Ja_t = Jt[:, :i]  # (X J_prev)^T
+            Z_t = torch.bmm(Jbar_t[:, :i], X, out=flat[0, :B * i * n].view(B, i, n))  # (X Jbar')^T
+            XEbar = torch.bmm(X, Ebar, out=work[0])
+            XEbarX = torch.bmm(XEbar, X, out=work[1])
+            Ebar, Ebar_next = torch.baddbmm(XEbarX, Z_t.mT, Ja_t, alpha=-r_wire, out=Ebar_next), Ebar
+            Jbar_t[:, :i] = Z_t
+            # J_prev = (I + r_wire E_prev) X J_prev
+            Jt[:, :i] = torch.baddbmm(Ja_t, Ja_t, E_prev, alpha=r_wire, out=flat[1, :B * i * n].view(B, i, n))
+        Ybar = torch.add(Ebar, Jbar_t[:, 0, :, None], out=work[0])
+        Gbar[:, 0] = rows_.conductance_grad(0, Ybar, tmp1=work[1], tmp2=work[2])
+        # the states go back to the pool for the next step's forward
+        ctx.state = None
+        _POOL.give(Es, Xs, work, flat)
         return Gbar, None, None, None
