@@ -14,6 +14,11 @@ Measures, on this machine's CPU threads:
   64 x 64 tiles, r_source = r_sink = 1 kOhm, r_wire = 2.5 Ohm per segment, batch 128,
   forward + backward + SGD step, float32) over a standard (ideal-mode) step; medians
   of interleaved repeats.
+* What bounds that ratio: ``wire_gflop_per_step`` (the solver's matrix products,
+  forward and backward, for the step's 224 tiles, counted by ``sweep_flops``), the
+  machine's batched 64x64 float32 matmul rate ``matmul_gflops_f32_bmm64``, and
+  ``step_ratio_bound_wire_xbar64`` = (those products at that rate + a standard step)
+  over a standard step: no implementation of this algorithm gets below it here.
 
 r_wire = 2.5 Ohm per segment: a metal line segment of one cell pitch, ~100 nm long with
 a ~50 x 40 nm^2 cross-section and an effective (size-effect) resistivity ~5e-8 Ohm m,
@@ -26,6 +31,7 @@ Run: ``python scripts/bench_wire.py`` (from anywhere; the repository root is put
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -41,7 +47,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from xbarflow.crossbar.spec import CrossbarSpec  # noqa: E402
-from xbarflow.crossbar.wire import transfer_matrix_wire  # noqa: E402
+from xbarflow.crossbar import wire  # noqa: E402
+from xbarflow.crossbar.wire import _series_terms, transfer_matrix_wire  # noqa: E402
 from xbarflow.nn import convert, set_mode  # noqa: E402
 
 R_SOURCE, R_SINK, R_WIRE = 1e3, 1e3, 2.5
@@ -82,6 +89,44 @@ def nodal_system(G, r_source, r_sink, r_wire):
     vv = np.concatenate([-g, -g, diag])
     Y = sp.csc_matrix((vv, (rr, cc)), shape=(2 * n, 2 * n))
     return Y, idx[:, 0], n + idx[-1, :]
+
+
+def series_products(terms: int) -> float:
+    """n x n products of one column step (see ``xbarflow.crossbar.wire._column_step``)."""
+    if terms == 0:
+        return 2.0  # LU inverse (~2 n^3 flops) and X E
+    if terms == 1:
+        return 0.0
+    if terms == 2:
+        return 1.0
+    return 2 * math.log2(terms) - 2
+
+
+def sweep_flops(shape, terms: int, backward: bool) -> float:
+    """Flops of the wire solver for one tile (forward, or forward + backward), products only.
+
+    The sweep runs over ``m = max(rows, cols)`` rows with ``n = min(rows, cols)``-wide
+    matrices. Per row step i: the series (``series_products`` products of n x n) and
+    ``J' = X J`` (``2 n^2 i``); the sink: an LU inverse (~``2 n^3``) and ``2 n^2 m``.
+    Backward per step: ``M Ybar^T``, ``X Ebar``, ``(X Ebar) X`` (three n x n products)
+    and three ``2 n^2 i`` products (``X Jbar``, ``Z J^T``, the recovery of J); sink
+    ``2 * 2 n^2 m``. The O(n^2) elementwise work per step is not counted.
+    """
+    rows, cols = shape
+    m, n = max(rows, cols), min(rows, cols)
+    mm = 2.0 * n ** 3
+    partial = 2.0 * n * n * (m - 1) * m / 2  # sum over i of 2 n^2 i
+    fwd = (m - 1) * series_products(terms) * mm + partial + mm + 2.0 * n * n * m
+    if not backward:
+        return fwd
+    return fwd + (m - 1) * 3 * mm + 3 * partial + 4.0 * n * n * m
+
+
+def tile_terms(G: torch.Tensor, r_wire: float) -> int:
+    """Series length the solver picks for tiles G (its bound: rho <= 2 r_wire max column sum)."""
+    rows, cols = G.shape[-2:]
+    col_sum = G.sum(-2).max() if rows >= cols else G.sum(-1).max()
+    return _series_terms(2.0 * r_wire * float(col_sum), G.dtype)
 
 
 def baseline_transfer(G, r_source, r_sink, r_wire, factor_once=False):
@@ -129,7 +174,7 @@ def main():
             (transfer_matrix_wire(Gr, r_source=R_SOURCE, r_sink=R_SINK, r_wire=R_WIRE) * W).sum().backward()
 
         result[f"transfer_fwd_bwd_ms_{N}"] = round(_median_ms(fb, rep), 2)
-        flops = 17 / 3 * N ** 4  # approximate  # see the module docstring of xbarflow.crossbar.wire
+        flops = sweep_flops(G.shape, tile_terms(G, R_WIRE), backward=False)
         result[f"transfer_gflops_{N}"] = round(flops / result[f"transfer_ms_{N}"] / 1e6, 1)
 
     # Baseline: scipy sparse direct solve per input, and its agreement with our T.
@@ -156,6 +201,16 @@ def main():
     y = torch.randint(0, 10, (128,))
     loss_fn = nn.CrossEntropyLoss()
 
+    # record the tiles the solver sweeps in a step (shapes and series lengths)
+    swept = []
+    sweep = wire._sweep
+
+    def recording_sweep(G, r_source, r_sink, r_wire, keep):
+        swept.append((G.shape[0], tuple(G.shape[1:]), tile_terms(G, r_wire)))
+        return sweep(G, r_source, r_sink, r_wire, keep)
+
+    wire._sweep = recording_sweep
+
     def step(mode):
         set_mode(model, mode)
         t0 = time.perf_counter()
@@ -165,6 +220,7 @@ def main():
         return time.perf_counter() - t0
 
     step("ideal"), step("nominal")  # warm-up
+    swept_per_step = list(swept)
     t_ideal, t_wire = [], []
     for _ in range(3):
         t_ideal.append(step("ideal"))
@@ -175,9 +231,22 @@ def main():
     n_tiles = 2 * (13 * 8 + 8 * 1)  # G+ and G- tiles of 784x500 and 500x10 on 64x64 arrays
     result["tiles_per_step"] = n_tiles
 
+    # What bounds the step: the solver's products at this machine's batched matmul rate.
+    A = torch.randn(n_tiles, 64, 64)
+    ms = _median_ms(lambda: torch.bmm(A, A), 20)
+    result["matmul_gflops_f32_bmm64"] = round(n_tiles * 2 * 64 ** 3 / ms / 1e6, 1)
+    wire._sweep = sweep
+    assert sum(b for b, _, _ in swept_per_step) == n_tiles, swept_per_step
+    flops = sum(b * sweep_flops(shape, terms, backward=True) for b, shape, terms in swept_per_step)
+    result["series_terms_per_call"] = [terms for _, _, terms in swept_per_step]
+    result["wire_gflop_per_step"] = round(flops / 1e9, 1)
+    result["wire_bound_ms_per_step"] = round(flops / result["matmul_gflops_f32_bmm64"] / 1e6, 1)
+    result["step_ratio_bound_wire_xbar64"] = round(
+        (result["wire_bound_ms_per_step"] + result["step_ms_standard"]) / result["step_ms_standard"], 1)
+
     for k, v in result.items():
         if k != "baseline_method":
-            print(f"{k:<40}{v:>14}")
+            print(f"{k:<40}{str(v):>14}")
     print(f"baseline: {result['baseline_method']}")
     print(json.dumps(result))
 

@@ -35,9 +35,10 @@ multiplied by ``1 / r_wire`` and the limit ``r_wire -> 0`` is reached smoothly):
    ``i + 1`` gives ``E_{i+1} = E' + Y_{i+1}``, ``J_{i+1} = [J', y_{i+1}]``.
    ``I + r_wire E`` has spectrum in ``[1, 1 + rho]`` with
    ``rho <= 2 r_wire * max column sum of G`` (about 0.01 for 64 rows of RRAM cells and
-   2.5 ohm segments), so X is a short Neumann series evaluated with matrix products
-   (``(I - A)(I + A^2)(I + A^4)...``, truncated where ``rho^N`` is below the unit
-   roundoff); when ``rho`` is too large for a short series, a batched LU inverse.
+   2.5 ohm segments), so ``E' = E (I - A)(I + A^2)(I + A^4)...`` (``A = r_wire E``,
+   the Neumann series truncated where ``rho^N`` is below the unit roundoff) takes two
+   matrix products in float32 and four in float64, and ``X = I - r_wire E'`` none;
+   when ``rho`` is too large for a short series, a batched LU inverse.
 3. **The sink.** ``r_sink`` to ground: ``I_out = (I + r_sink E_last)^-1 J_last``, so
    ``T = I_out^T`` (``r_sink = 0`` gives ``T = J_last^T``).
 
@@ -55,10 +56,12 @@ pass ``Ybar_i`` to the conductances through ``dY = Y D^-2 dD Y``, i.e.
 ``Gbar_ij = ((M Ybar^T) * M).sum(-1)`` with ``M = D^-1 Y = I - Z D`` (no division by G).
 
 Cost per ``n x n`` tile swept over ``m`` rows (``n = min(rows, cols)``), in ``n x n``
-matrix products: forward ``m * (s + 1.5)`` and backward ``m * 4.5``, where ``s`` is
+matrix products: forward ``m * (s + 0.5)`` and backward ``m * 4.5``, where ``s`` is
 the number of products of the series (2 for float32 at rho ~ 0.01, 4 for float64);
-that is about ``2 n^3 * m * (s + 6)`` flops, ``16 n^4`` for a 64x64 float32 tile
-(see ``scripts/bench_wire.py``).
+that is about ``2 n^3 * m * (s + 5)`` flops, ``14 n^4`` (235 MFLOP) forward and
+backward for a 64x64 float32 tile (``sweep_flops`` in ``scripts/bench_wire.py``
+counts it exactly). Everything else is O(n^2) per row step; the large states kept
+for the backward live in a reused pool, so a training step allocates nothing new.
 """
 from __future__ import annotations
 
@@ -218,7 +221,7 @@ def _column_step(E: torch.Tensor, r: float, terms: int, eye: torch.Tensor,
 
     For symmetric E with ``rho(rE) < 1``, ``F = E (I - A)(I + A^2)(I + A^4)...`` with
     ``A = r E`` sums the Neumann series to ``terms`` (a power of two) with
-    ``2 log2(terms) - 1`` products; ``X = I - r F`` then costs no product and loses
+    ``2 log2(terms) - 2`` products (one for ``terms = 2``); ``X = I - r F`` then costs no product and loses
     nothing to cancellation (``r F`` is of size rho). ``terms == 0`` means a batched LU
     inverse. ``tmp1`` and ``tmp2`` (same shape) are overwritten.
     """
