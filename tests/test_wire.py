@@ -195,6 +195,21 @@ def test_second_backward_after_pool_reuse():
     assert torch.equal(g1, g2)
 
 
+def test_pool_holds_at_most_its_budget(monkeypatch):
+    pool = wire._Pool(max_bytes=3 * 8 * 100)
+    monkeypatch.setattr(wire, "_POOL", pool)
+    bufs = [torch.empty(100, dtype=torch.float64) for _ in range(5)]
+    pool.give(*bufs)
+    assert pool._bytes == 3 * 8 * 100
+    assert pool.take((100,), torch.float64, torch.device("cpu")) is bufs[2]
+    # the solver still works (and gives its buffers back within budget) with a tiny pool
+    G = torch.tensor(_G(np.random.default_rng(14), 6, 6), requires_grad=True)
+    T = transfer_matrix_wire(G, r_source=1e3, r_sink=1e3, r_wire=2.5)
+    T.sum().backward()
+    ref = sparse_nodal_transfer(G.detach().numpy(), 1e3, 1e3, 2.5)
+    assert _rel_err(T.detach().numpy(), ref) <= 1e-8 and pool._bytes <= pool.max_bytes
+
+
 def test_row_generator_fallback_matches(monkeypatch):
     # the exp(-|C_j - C_l|) form of the row impedances (used only if the outer-product
     # generators could overflow) gives the same T and gradient

@@ -164,13 +164,15 @@ class _RowChains:
         else:
             self.C, self.rho0 = C, rho0
         idx = torch.arange(n, device=G.device)
-        self.upper = idx[:, None] < idx[None, :]
+        # float masks: mul + addcmul assemble the two triangles faster than torch.where
+        self.upper = (idx[:, None] < idx[None, :]).to(G.dtype)
+        self.lower = 1.0 - self.upper
 
     def _offdiag_impedance(self, i: int, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
         """Z of row i's chain (ohm, ``(B, n, n)``) into ``out``, ports grounded; diagonal not set."""
         if self.outer:
-            P = torch.mul(self.p[:, i, :, None], self.q[:, i, None, :], out=tmp)  # p_j q_l, for j < l
-            return torch.where(self.upper, P, P.mT, out=out)
+            Z = torch.mul(self.p[:, i, :, None], self.q[:, i, None, :], out=out).mul_(self.upper)  # p_j q_l, j < l
+            return Z.addcmul_(torch.mul(self.q[:, i, :, None], self.p[:, i, None, :], out=tmp), self.lower)
         C, Zd = self.C[:, i], self.Zd[:, i]
         idx = torch.arange(C.shape[-1], device=C.device)
         Z = Zd[:, torch.maximum(idx[:, None], idx[None, :])] * torch.exp(-(C[:, :, None] - C[:, None, :]).abs())
@@ -181,8 +183,8 @@ class _RowChains:
     def admittance(self, i: int, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
         """``Y_i = D - D Z D`` (S, ``(B, n, n)``), the Norton admittance of row i, into ``out``."""
         if self.outer:
-            O = torch.mul(self.neg_dp[:, i, :, None], self.dq[:, i, None, :], out=tmp)
-            Y = torch.where(self.upper, O, O.mT, out=out)
+            Y = torch.mul(self.neg_dp[:, i, :, None], self.dq[:, i, None, :], out=out).mul_(self.upper)
+            Y.addcmul_(torch.mul(self.dq[:, i, :, None], self.neg_dp[:, i, None, :], out=tmp), self.lower)
         else:
             d = self.d[:, i]
             Y = self._offdiag_impedance(i, out, tmp).mul_(-d[:, :, None]).mul_(d[:, None, :])
@@ -253,21 +255,33 @@ class _Pool:
     backward through the same graph (``retain_graph``) recomputes them from the saved G.
     """
 
-    def __init__(self):
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
         self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._bytes = 0
 
     def take(self, shape, dtype, device) -> torch.Tensor:
         free = self._free.get((tuple(shape), dtype, device))
-        return free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
+        if free:
+            buf = free.pop()
+            self._bytes -= buf.nbytes
+            return buf
+        return torch.empty(shape, dtype=dtype, device=device)
 
     def give(self, *bufs: torch.Tensor) -> None:
         for buf in bufs:
-            free = self._free.setdefault((tuple(buf.shape), buf.dtype, buf.device), [])
-            if len(free) < 8:
-                free.append(buf)
+            if self._bytes + buf.nbytes > self.max_bytes:
+                continue  # left to the allocator: the pool never holds more than max_bytes
+            self._free.setdefault((tuple(buf.shape), buf.dtype, buf.device), []).append(buf)
+            self._bytes += buf.nbytes
+
+    def clear(self) -> None:
+        self._free.clear()
+        self._bytes = 0
 
 
-_POOL = _Pool()
+# A 64x64-tile FCN step keeps ~0.5 GB of states; larger tiles simply bypass the pool.
+_POOL = _Pool(max_bytes=2 * 1024 ** 3)
 
 
 def _sweep(G: torch.Tensor, r_source: float, r_sink: float, r_wire: float, keep: bool):
