@@ -63,4 +63,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from xbarflow.runtime import tune_allocator
+
+    tune_allocator()
     main()

@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from xbarflow.crossbar import CrossbarSpec, effective_weight  # noqa: E402
 from xbarflow.nn import convert, set_mode, xbar_layers  # noqa: E402
+from xbarflow.runtime import tune_allocator  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -156,11 +157,13 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--batch", type=int, default=128)
     args = ap.parse_args(argv)
+    # as run.py does (XBARFLOW_MALLOC=default measures glibc's defaults instead)
+    allocator_tuned = tune_allocator()
 
     torch.manual_seed(0)
     x = torch.rand(args.batch, 1, 28, 28)
     target = torch.randint(0, 10, (args.batch,))
-    res = {"threads": torch.get_num_threads(), "batch": args.batch}
+    res = {"threads": torch.get_num_threads(), "batch": args.batch, "allocator_tuned": allocator_tuned}
     rows = []
     mm_a, mm_b = torch.randn(784, 500), torch.randn(500, 784)
     mm = lambda: mm_a @ mm_b  # noqa: E731  (timed in the same loop: the machine's load is shared)

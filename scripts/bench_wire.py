@@ -50,6 +50,7 @@ from xbarflow.crossbar.spec import CrossbarSpec  # noqa: E402
 from xbarflow.crossbar import wire  # noqa: E402
 from xbarflow.crossbar.wire import _series_terms, transfer_matrix_wire  # noqa: E402
 from xbarflow.nn import convert, set_mode  # noqa: E402
+from xbarflow.runtime import tune_allocator  # noqa: E402
 
 R_SOURCE, R_SINK, R_WIRE = 1e3, 1e3, 2.5
 G_MIN, G_MAX = 1 / 200e3, 1 / 20e3
@@ -147,7 +148,10 @@ def main():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     threads = torch.get_num_threads()
-    result = {"threads": threads, "r_source": R_SOURCE, "r_sink": R_SINK, "r_wire": R_WIRE}
+    # as run.py does (XBARFLOW_MALLOC=default measures glibc's defaults instead)
+    allocator_tuned = tune_allocator()
+    result = {"threads": threads, "r_source": R_SOURCE, "r_sink": R_SINK, "r_wire": R_WIRE,
+              "allocator_tuned": allocator_tuned}
     print(f"# wire-resistance solver benchmark: r_source={R_SOURCE:g}, r_sink={R_SINK:g}, "
           f"r_wire={R_WIRE:g} ohm, torch threads={threads}")
     print(f"{'quantity':<40}{'value':>14}")
