@@ -63,7 +63,14 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from pathlib import Path
+
+    from xbarflow.cli import check_overrides
     from xbarflow.runtime import tune_allocator
 
+    error = check_overrides(sys.argv[1:], Path(__file__).resolve().parent / "conf")
+    if error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
     tune_allocator()
     main()

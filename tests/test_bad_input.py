@@ -54,3 +54,43 @@ def test_bad_job_in_a_sweep_is_rejected_and_reported(workdir):
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("xbarflow").experiment_id])
     assert not any(r.info.status == "RUNNING" for r in runs)
+
+
+CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.mark.parametrize("args,named", [
+    (["hardware=foo"], "allowed: ideal, mram, pcm, rram"),
+    (["xbar.sizee=5"], "no such key (keys of xbar: size,"),
+    (["xbar.size=abc"], "could not be converted to Integer"),
+    (["-m", "xbar.size=64,abc"], "could not be converted to Integer"),
+    (["xbar={sizee:16}"], "Key 'sizee' not in 'XbarConfig'"),
+])
+def test_structural_override_errors_are_one_line(args, named):
+    from xbarflow.cli import check_overrides
+
+    error = check_overrides(args, CONF)
+    assert error and error.startswith("error: ") and "\n" not in error and named in error, error
+
+
+@pytest.mark.parametrize("args", [
+    ["hardware=rram", "experiment=smoke", "hydra/launcher=parallel"],
+    ["-m", "xbar={size:16},{rows:784,cols:500}", "training=standard,tech_aware"],
+    ["+extra=1", "~seed", "xbar.r_wire=range(0,10,2)", "model.hidden=[10,20]", "hydra.run.dir=x"],
+    ["-m", "xbar.r_source=1000,-5"],  # a range error: validate() rejects that job only
+    ["-cd", "/elsewhere", "hardware=taox"],  # another search path: left to Hydra
+    ["experiment=null", "xbar.rows=null", "xbar.r_source=1e3"],
+])
+def test_valid_or_unreadable_overrides_pass(args):
+    from xbarflow.cli import check_overrides
+
+    assert check_overrides(args, CONF) is None
+
+
+@pytest.mark.parametrize("args", [["hardware=foo", "experiment=smoke"], ["-m", "experiment=smoke", "xbar.sizee=1,2"]])
+def test_command_line_structural_error_exits_before_any_run(workdir, args):
+    proc = run_cli(args, cwd=workdir)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "multirun").exists()
