@@ -61,7 +61,8 @@ the number of products of the series (2 for float32 at rho ~ 0.01, 4 for float64
 that is about ``2 n^3 * m * (s + 5)`` flops, ``14 n^4`` (235 MFLOP) forward and
 backward for a 64x64 float32 tile (``sweep_flops`` in ``scripts/bench_wire.py``
 counts it exactly). Everything else is O(n^2) per row step; the large states kept
-for the backward live in a reused pool, so a training step allocates nothing new.
+for the backward and the per-step workspace live in a reused pool, so a training step
+reuses the previous step's memory instead of page-faulting fresh memory.
 """
 from __future__ import annotations
 
