@@ -48,7 +48,7 @@ import torch.nn as nn  # noqa: E402
 
 from xbarflow.crossbar.spec import CrossbarSpec  # noqa: E402
 from xbarflow.crossbar import wire  # noqa: E402
-from xbarflow.crossbar.wire import _series_terms, transfer_matrix_wire  # noqa: E402
+from xbarflow.crossbar.wire import _tile_series_terms, transfer_matrix_wire  # noqa: E402
 from xbarflow.nn import convert, set_mode  # noqa: E402
 from xbarflow.runtime import tune_allocator  # noqa: E402
 
@@ -123,13 +123,6 @@ def sweep_flops(shape, terms: int, backward: bool) -> float:
     return fwd + (m - 1) * 3 * mm + 3 * partial + 4.0 * n * n * m
 
 
-def tile_terms(G: torch.Tensor, r_wire: float) -> int:
-    """Series length the solver picks for tiles G (its bound: rho <= 2 r_wire max column sum)."""
-    rows, cols = G.shape[-2:]
-    col_sum = G.sum(-2).max() if rows >= cols else G.sum(-1).max()
-    return _series_terms(2.0 * r_wire * float(col_sum), G.dtype)
-
-
 def baseline_transfer(G, r_source, r_sink, r_wire, factor_once=False):
     """T by sparse direct solves of the nodal system, one right-hand side per input."""
     Y, src, out = nodal_system(G, r_source, r_sink, r_wire)
@@ -178,7 +171,7 @@ def main():
             (transfer_matrix_wire(Gr, r_source=R_SOURCE, r_sink=R_SINK, r_wire=R_WIRE) * W).sum().backward()
 
         result[f"transfer_fwd_bwd_ms_{N}"] = round(_median_ms(fb, rep), 2)
-        flops = sweep_flops(G.shape, tile_terms(G, R_WIRE), backward=False)
+        flops = sweep_flops(G.shape, _tile_series_terms(G, R_WIRE), backward=False)
         result[f"transfer_gflops_{N}"] = round(flops / result[f"transfer_ms_{N}"] / 1e6, 1)
 
     # Baseline: scipy sparse direct solve per input, and its agreement with our T.
@@ -210,7 +203,7 @@ def main():
     sweep = wire._sweep
 
     def recording_sweep(G, r_source, r_sink, r_wire, keep):
-        swept.append((G.shape[0], tuple(G.shape[1:]), tile_terms(G, r_wire)))
+        swept.append((G.shape[0], tuple(G.shape[1:]), _tile_series_terms(G, r_wire)))
         return sweep(G, r_source, r_sink, r_wire, keep)
 
     wire._sweep = recording_sweep

@@ -170,9 +170,8 @@ def test_gradcheck_series_path(rows, cols, r_wire):
     # rho = 2 r_wire max column sum of G < 0.9: the column steps use the Neumann series
     rng = np.random.default_rng(11)
     G = torch.tensor(rng.uniform(1e-4, 1e-3, size=(rows, cols)), requires_grad=True)
-    Gd = G.detach()
-    rho = 2 * r_wire * float(Gd.sum(0).max() if rows >= cols else Gd.sum(1).max())
-    assert wire._series_terms(rho, torch.float64) > 0
+    swept = G.detach() if rows >= cols else G.detach().mT  # the sweep runs along the longer side
+    assert wire._tile_series_terms(swept, r_wire) > 0
 
     def f(G):
         return transfer_matrix_wire(G, r_source=700.0, r_sink=300.0, r_wire=r_wire)

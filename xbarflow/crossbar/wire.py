@@ -218,6 +218,15 @@ def _series_terms(rho: float, dtype: torch.dtype) -> int:
     return N if N <= _MAX_SERIES_TERMS else 0
 
 
+def _tile_series_terms(G: torch.Tensor, r_wire: float) -> int:
+    """Series length for swept tiles ``(B, m, n)``: ``rho = 2 r_wire * max column sum of G``.
+
+    ``|E|`` (max abs row sum) never exceeds twice the largest column sum of G.
+    """
+    rho = 2.0 * r_wire * float(G.sum(-2).max()) if G.shape[-2] > 1 else 0.0
+    return _series_terms(rho, G.dtype)
+
+
 def _column_step(E: torch.Tensor, r: float, terms: int, eye: torch.Tensor,
                  F_out: torch.Tensor, X_out: torch.Tensor, tmp1: torch.Tensor, tmp2: torch.Tensor) -> None:
     """One wire segment in series: ``F = (I + rE)^-1 E`` and ``X = (I + rE)^-1 = I - r F``.
@@ -276,10 +285,6 @@ class _Pool:
             self._free.setdefault((tuple(buf.shape), buf.dtype, buf.device), []).append(buf)
             self._bytes += buf.nbytes
 
-    def clear(self) -> None:
-        self._free.clear()
-        self._bytes = 0
-
 
 # A 64x64-tile FCN step keeps ~0.5 GB of states; larger tiles simply bypass the pool.
 _POOL = _Pool(max_bytes=2 * 1024 ** 3)
@@ -295,9 +300,7 @@ def _sweep(G: torch.Tensor, r_source: float, r_sink: float, r_wire: float, keep:
     dt, dev = G.dtype, G.device
     eye = torch.eye(n, dtype=dt, device=dev)
     rows_ = _RowChains(G, r_source, r_wire)
-    # |E| (max abs row sum) never exceeds twice the largest column sum of G
-    rho = 2.0 * r_wire * float(G.abs().sum(-2).max()) if m > 1 else 0.0
-    terms = _series_terms(rho, dt)
+    terms = _tile_series_terms(G, r_wire)
     # E_k of every row (and X_k of every step) is kept for the backward; without
     # gradients two alternating slots suffice
     slots = m if keep else 2
