@@ -19,7 +19,7 @@ from . import tracking
 from .config import Config, ConfigError, validate
 from .data import DataSplits, EpochShuffleSampler, build_datasets
 from .evaluation import evaluate
-from .hardware import crossbar_spec, make_chip
+from .hardware import adc_range_mode, crossbar_spec, make_chip
 from .lit import CrossbarClassifier
 from .models import build_model
 from .nn.calibration import calibrate_converters, converter_ranges
@@ -50,7 +50,8 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
     memory_gb = check_memory(typed, model)
     with tracking.open_run(typed, cfg, output_dir=output_dir, start_dir=start_dir, parent_run_id=parent_run_id,
                            job_num=job_num, overrides=overrides,
-                           extra_params={"xbar_memory_gb": f"{memory_gb:.3f}"}) as run:
+                           extra_params={"xbar_memory_gb": f"{memory_gb:.3f}",
+                                         "adc_range_mode_effective": adc_range_mode(typed)}) as run:
         module = train(typed, cfg, model, data, run)
         calibrate_periphery(typed, model, data, module.device)
         metrics, per_chip = evaluate_on_test(typed, model, data, module.device)
