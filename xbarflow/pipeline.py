@@ -179,6 +179,8 @@ def train(typed: Config, cfg: DictConfig, model: torch.nn.Module, data: DataSpli
                                 lambda seed: make_chip(typed, seed, train=True), seed=typed.seed)
     train_loader, val_loader, _ = data_loaders(typed, data)
     build_trainer(typed, cfg, run).fit(module, train_loader, val_loader, ckpt_path=run.resume_ckpt)
+    # Lightning's MLflow logger marks the run FINISHED when fit ends; evaluation is still to come
+    run.client.update_run(run.run_id, "RUNNING")
     return module
 
 
