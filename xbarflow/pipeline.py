@@ -15,7 +15,7 @@ from .config import ConfigError, validate
 from .data import EpochShuffleSampler, build_datasets
 from .evaluation import evaluate
 from .hardware import crossbar_spec, make_chip
-from .lit import CrossbarClassifier
+from .training import CrossbarClassifier
 from .models import build_model
 from .nn.convert import convert
 

@@ -9,9 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from .crossbar.variation import Chip
-from .nn.calibration import calibrate_column_gains
-from .nn.convert import set_mode, xbar_layers
+from ..crossbar.variation import Chip
+from ..nn.calibration import calibrate_column_gains
+from ..nn.convert import set_mode, xbar_layers
 
 # Training chips live in their own seed range so they never coincide with evaluation chips.
 TRAIN_CHIP_SEED_BASE = 10**9
