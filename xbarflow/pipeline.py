@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from . import tracking
 from .config import ConfigError, validate
 from .data import EpochShuffleSampler, build_datasets
-from .evaluation import evaluate
+from .evaluation import calibration_loader, evaluate
 from .hardware import crossbar_spec, make_chip
 from .training import CrossbarClassifier
 from .models import build_model
@@ -148,6 +148,8 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
         metrics, per_chip = evaluate(
             xmodel, test_loader, num_classes=data.num_classes, n_chips=typed.eval.n_chips,
             chip_seed=typed.eval.chip_seed, make_chip=chip, device=module.device, times=typed.eval.times,
+            compensation=typed.eval.compensation,
+            calibration_loader=calibration_loader(data.train, typed.eval.calibration_samples, typed.eval.batch_size, nw),
         )
         tracking.log_metrics(client, run_id, metrics)
         for i, acc in enumerate(per_chip):
