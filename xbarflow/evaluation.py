@@ -102,15 +102,18 @@ def evaluate(
     return metrics, per_chip
 
 
-def calibration_loader(train: Dataset, n_samples: int, batch_size: int = 1000, num_workers: int = 0) -> DataLoader:
-    """The first ``n_samples`` images of the training split: the calibration batch of compensation.
+def calibration_loader(train: Dataset, n_samples: int, *, seed: int = 0, batch_size: int = 1000,
+                       num_workers: int = 0) -> DataLoader:
+    """``n_samples`` images of the training split, a draw seeded by ``seed``: the calibration batch.
 
     Args:
-        train: the training split (``build_datasets(...).train``); the test split must never be passed.
-        n_samples: ``eval.calibration_samples`` (fewer if the split is smaller).
+        train: the training split (``build_datasets(...).train``); never the test split.
+        n_samples: ``eval.calibration_samples`` (all of the split if it is smaller).
+        seed: the run seed (the same draw as the converter calibration of ``xbar.calibration_samples``).
     """
-    subset = Subset(train, range(min(int(n_samples), len(train))))
-    return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    n = min(int(n_samples), len(train))
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(int(seed)))[:n]
+    return DataLoader(Subset(train, pick.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
 def time_suffix(t: float) -> str:
