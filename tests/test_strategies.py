@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import compose, run_cli
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from conftest import compose, run_cli
 from xbarflow.config import ConfigError, TrainingConfig, WeightNoiseConfig, validate
 from xbarflow.crossbar import Chip, CrossbarSpec
 from xbarflow.crossbar.rng import layer_generator
@@ -17,7 +17,6 @@ from xbarflow.nn import calibrate_global_gains, convert, set_mode, xbar_layers
 from xbarflow.nn import compensation as comp_mod
 from xbarflow.training import TRAIN_CHIP_SEED_BASE, CrossbarClassifier
 from xbarflow.training.noise import forward_with_weight_noise, noisy_weights
-
 
 # ---------------------------------------------------------------- noise_aware: one step's statistics
 
@@ -172,7 +171,7 @@ def test_global_restores_the_nominal_outputs_on_a_chip_with_only_a_c2c_factor():
     gains = [l.log_column_gain.detach().clone() for l in xbar_layers(model2)]
     set_mode(model2, "nominal")
     calibrate_global_gains(model2, x_cal)
-    assert all(torch.equal(l.log_column_gain, g) for l, g in zip(xbar_layers(model2), gains))
+    assert all(torch.equal(l.log_column_gain, g) for l, g in zip(xbar_layers(model2), gains, strict=True))
 
 
 @dataclass(frozen=True)
@@ -273,7 +272,7 @@ def test_compensation_does_not_leak_into_the_next_chip(compensation):
         test = TensorDataset(xt, model(xt).argmax(1))
     gains = [l.log_column_gain.detach().clone() for l in xbar_layers(model)]
     _, two = _eval(model, test, train, compensation, n_chips=2, chip_seed=100)
-    assert all(torch.equal(l.log_column_gain, gn) for l, gn in zip(xbar_layers(model), gains))
+    assert all(torch.equal(l.log_column_gain, gn) for l, gn in zip(xbar_layers(model), gains, strict=True))
     _, second_alone = _eval(_net(), test, train, compensation, n_chips=1, chip_seed=101)
     assert two[1] == second_alone[0]
     _, uncompensated = _eval(_net(), test, train, "none", n_chips=2, chip_seed=100)

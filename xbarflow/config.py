@@ -117,7 +117,7 @@ class WeightNoiseConfig:
     After IBM aihwkit 1.1.0's ``WeightModifierParameter`` (``std_dev``, ``pdrop``;
     ``WeightModifierType.MULT_NORMAL`` / ``ADD_NORMAL``); see conf/training/noise_aware.yaml.
     """
-    mult_std: float = rf(0.0, ge=0.0)            # sigma of a lognormal factor exp(sigma z) per weight (like hardware.d2d)
+    mult_std: float = rf(0.0, ge=0.0)            # sigma of a lognormal factor exp(sigma z) per weight (cf. d2d)
     add_std: float = rf(0.0, ge=0.0)             # std of additive Gaussian noise, in units of the layer's w_max
     pdrop: float = rf(0.0, ge=0.0, lt=1.0)       # drop connect: probability that a weight is 0 for the step
 

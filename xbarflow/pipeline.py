@@ -20,13 +20,13 @@ from .config import Config, ConfigError, validate
 from .data import DataSplits, EpochShuffleSampler, build_datasets
 from .evaluation import calibration_loader, evaluate
 from .hardware import adc_range_mode, crossbar_spec, make_chip
-from .training import CrossbarClassifier
 from .models import build_model
 from .nn.calibration import calibrate_converters, converter_ranges
 from .nn.convert import convert
 from .nn.layers import CROSSBAR_ONLY_PARAMS
 from .nn.memory import model_memory
 from .runtime import memory_limit_bytes
+from .training import CrossbarClassifier
 
 # Above this fraction of the memory limit a run starts, with a warning.
 MEMORY_WARN_FRACTION = 0.8

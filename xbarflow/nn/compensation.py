@@ -51,7 +51,8 @@ def _nominal_forward(layer: _XbarMixin, x: torch.Tensor) -> torch.Tensor:
     saved = (layer.mode, layer.chip, layer._reads)
     layer.mode, layer.chip = "nominal", None
     try:
-        return layer.forward(x)   # forward, not __call__: the calibration hook must not fire again
+        # forward, not __call__: the calibration hook must not fire again (every _XbarMixin is a Module)
+        return layer.forward(x)  # type: ignore[attr-defined]
     finally:
         layer.mode, layer.chip, layer._reads = saved
 
@@ -120,5 +121,5 @@ def saved_column_gains(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         with torch.no_grad():
-            for m, g in zip(layers, saved):
+            for m, g in zip(layers, saved, strict=True):
                 m.log_column_gain.copy_(g)
