@@ -111,8 +111,20 @@ class NonidealityConfig:
 
 
 @dataclass
+class WeightNoiseConfig:
+    """Weight noise of ``training=noise_aware``: a fresh draw per step on the crossbar layers' weights.
+
+    After IBM aihwkit 1.1.0's ``WeightModifierParameter`` (``std_dev``, ``pdrop``;
+    ``WeightModifierType.MULT_NORMAL`` / ``ADD_NORMAL``); see conf/training/noise_aware.yaml.
+    """
+    mult_std: float = rf(0.0, ge=0.0)            # sigma of a lognormal factor exp(sigma z) per weight (cf. d2d)
+    add_std: float = rf(0.0, ge=0.0)             # std of additive Gaussian noise, in units of the layer's w_max
+    pdrop: float = rf(0.0, ge=0.0, lt=1.0)       # drop connect: probability that a weight is 0 for the step
+
+
+@dataclass
 class TrainingConfig:
-    mode: str = rf("tech_aware", choices=("standard", "tech_aware"))
+    mode: str = rf("tech_aware", choices=("standard", "noise_aware", "tech_aware"))
     optimizer: str = rf("adam", choices=("adam", "sgd"))
     lr: float = rf(1e-3, gt=0.0)
     momentum: float = rf(0.9, ge=0.0, lt=1.0)
@@ -124,6 +136,7 @@ class TrainingConfig:
     pretrain_epochs: int = rf(0, ge=0)           # tech_aware: first epochs ideal (standard), then on the crossbar
     column_gain: bool = True                     # tech_aware: calibrate and learn a digital gain per output column
     init_from: Optional[str] = None              # path of a state_dict (.pt) to start from
+    noise: WeightNoiseConfig = field(default_factory=WeightNoiseConfig)   # noise_aware: weight noise per step
 
 
 @dataclass
@@ -159,6 +172,11 @@ class EvalConfig:
     # seconds after programming at which chips are also evaluated when drift is on
     # (metrics test/acc_xbar_{mean,std,min}_at_<t>s)
     times: List[float] = rf([3600.0, 86400.0, 31536000.0], gt=0.0)
+    # digital periphery calibrated per chip and read time on training images (never test images):
+    # none; global (one scalar per layer, to the nominal crossbar's output); column (least-squares
+    # gain per output column, to the software layer's output)
+    compensation: str = rf("none", choices=("none", "global", "column"))
+    calibration_samples: int = rf(256, ge=1)     # training images of the calibration batch
 
 
 @dataclass

@@ -1,14 +1,20 @@
-"""Section-8 evaluation: software, nominal crossbar and ``n_chips`` random chips."""
+"""Section-8 evaluation: software, nominal crossbar and ``n_chips`` random chips.
+
+With ``compensation`` other than ``none`` the digital periphery of the nominal crossbar
+and of every chip at every read time is calibrated first (:mod:`xbarflow.nn.compensation`)
+on a batch of *training* images, and the trained gains are put back afterwards.
+"""
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.classification import MulticlassAccuracy
 
 from .crossbar.variation import Chip
+from .nn.compensation import COMPENSATIONS, compensate, saved_column_gains
 from .nn.convert import set_mode
 
 
@@ -33,6 +39,8 @@ def evaluate(
     device="cpu",
     prefix: str = "test/",
     times: Sequence[float] = (),
+    compensation: str = "none",
+    calibration_loader: Optional[DataLoader] = None,
 ) -> Tuple[Dict[str, float], List[float]]:
     """Accuracy (percent) three ways; chip ``i`` has seed ``chip_seed + i``.
 
@@ -48,11 +56,31 @@ def evaluate(
         (:func:`time_suffix`); and the accuracy of each chip (at ``t0``). Without
         random effects every chip is the nominal one, so it is evaluated once. With
         read noise every batch is a fresh read (reads numbered from 0 per chip).
+
+    Compensation (``none``, ``global``, ``column``): before the nominal crossbar and each
+    chip at each read time is measured, its digital gains are fitted on the images of
+    ``calibration_loader`` (:func:`calibration_loader`: training images, never the test
+    split), and restored to the trained ones right after, so nothing carries over to the
+    next chip or time. With read noise, the calibration is the chip's first read(s).
     """
+    if compensation not in COMPENSATIONS:
+        raise ValueError(f"compensation must be one of {', '.join(COMPENSATIONS)} (got {compensation!r})")
+    x_cal = None
+    if compensation != "none":
+        if calibration_loader is None:
+            raise ValueError(f"compensation {compensation!r} needs a calibration_loader of training images")
+        x_cal = torch.cat([x for x, _ in calibration_loader]).to(device)
+
+    def measure() -> float:
+        with saved_column_gains(model):
+            if x_cal is not None:
+                compensate(model, compensation, x_cal)
+            return accuracy(model, loader, num_classes, device)
+
     set_mode(model, "ideal")
     software = accuracy(model, loader, num_classes, device)
     set_mode(model, "nominal")
-    nominal = accuracy(model, loader, num_classes, device)
+    nominal = measure()
     per_chip: List[float] = []
     at_time: Dict[float, List[float]] = {}
     for i in range(n_chips):
@@ -61,17 +89,31 @@ def evaluate(
             per_chip = [nominal] * n_chips
             break
         set_mode(model, "chip", chip)
-        per_chip.append(accuracy(model, loader, num_classes, device))
+        per_chip.append(measure())
         if chip.device.has_drift:
             for t in times:
                 set_mode(model, "chip", chip.at(t))
-                at_time.setdefault(float(t), []).append(accuracy(model, loader, num_classes, device))
+                at_time.setdefault(float(t), []).append(measure())
     set_mode(model, "ideal")
     metrics = {f"{prefix}acc_software": software, f"{prefix}acc_xbar_nominal": nominal}
     metrics.update(_stats(per_chip, f"{prefix}acc_xbar", ""))
     for t, accs in at_time.items():
         metrics.update(_stats(accs, f"{prefix}acc_xbar", time_suffix(t)))
     return metrics, per_chip
+
+
+def calibration_loader(train: Dataset, n_samples: int, *, seed: int = 0, batch_size: int = 1000,
+                       num_workers: int = 0) -> DataLoader:
+    """``n_samples`` images of the training split, a draw seeded by ``seed``: the calibration batch.
+
+    Args:
+        train: the training split (``build_datasets(...).train``); never the test split.
+        n_samples: ``eval.calibration_samples`` (all of the split if it is smaller).
+        seed: the run seed (the same draw as the converter calibration of ``xbar.calibration_samples``).
+    """
+    n = min(int(n_samples), len(train))
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(int(seed)))[:n]
+    return DataLoader(Subset(train, pick.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
 def time_suffix(t: float) -> str:

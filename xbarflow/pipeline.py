@@ -18,15 +18,15 @@ from torch.utils.data import DataLoader
 from . import tracking
 from .config import Config, ConfigError, validate
 from .data import DataSplits, EpochShuffleSampler, build_datasets
-from .evaluation import evaluate
+from .evaluation import calibration_loader, evaluate
 from .hardware import adc_range_mode, crossbar_spec, make_chip
-from .lit import CrossbarClassifier
 from .models import build_model
 from .nn.calibration import calibrate_converters, converter_ranges
 from .nn.convert import convert
 from .nn.layers import CROSSBAR_ONLY_PARAMS
 from .nn.memory import model_memory
 from .runtime import memory_limit_bytes
+from .training import CrossbarClassifier
 
 # Above this fraction of the memory limit a run starts, with a warning.
 MEMORY_WARN_FRACTION = 0.8
@@ -200,11 +200,16 @@ def calibrate_periphery(typed: Config, model: torch.nn.Module, data: DataSplits,
 
 def evaluate_on_test(typed: Config, model: torch.nn.Module, data: DataSplits,
                      device) -> Tuple[Dict[str, float], List[float]]:
-    """Section-8 metrics on the test split: software, nominal crossbar, ``eval.n_chips`` chips."""
+    """Section-8 metrics on the test split: software, nominal crossbar, ``eval.n_chips`` chips.
+
+    ``eval.compensation`` is fitted on ``eval.calibration_samples`` images of the training split.
+    """
     _, _, test_loader = data_loaders(typed, data)
+    calibration = calibration_loader(data.train, typed.eval.calibration_samples, seed=typed.seed,
+                                     batch_size=typed.eval.batch_size, num_workers=typed.dataset.num_workers)
     return evaluate(model, test_loader, num_classes=data.num_classes, n_chips=typed.eval.n_chips,
                     chip_seed=typed.eval.chip_seed, make_chip=lambda seed: make_chip(typed, seed), device=device,
-                    times=typed.eval.times)
+                    times=typed.eval.times, compensation=typed.eval.compensation, calibration_loader=calibration)
 
 
 def log_results(run: "tracking.TrackedRun", typed: Config, model: torch.nn.Module,

@@ -1,4 +1,4 @@
-"""Lightning module: trains a converted model in standard or technology-aware mode."""
+"""Lightning module: trains a converted model in standard, noise-aware or technology-aware mode."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -9,16 +9,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from .crossbar.variation import Chip
-from .nn.calibration import calibrate_column_gains, calibrate_converters
-from .nn.convert import set_mode, xbar_layers
+from ..crossbar.variation import Chip
+from ..nn.calibration import calibrate_column_gains, calibrate_converters
+from ..nn.convert import set_mode, xbar_layers
+from .noise import forward_with_weight_noise
 
 # Training chips live in their own seed range so they never coincide with evaluation chips.
 TRAIN_CHIP_SEED_BASE = 10**9
 
 
 class CrossbarClassifier(pl.LightningModule):
-    """Classifier whose crossbar layers run ideal (``standard``) or non-ideal (``tech_aware``) in training.
+    """Classifier whose crossbar layers run ideal (``standard``), ideal with fresh weight noise per
+    step (``noise_aware``, :mod:`xbarflow.training.noise`) or non-ideal (``tech_aware``) in training.
 
     Args:
         model: a converted model (:func:`xbarflow.nn.convert`).
@@ -26,7 +28,7 @@ class CrossbarClassifier(pl.LightningModule):
         num_classes: number of classes.
         make_chip: seed -> chip, or ``None`` when there is no random variation; with
             ``training.resample_chip`` each step trains on a fresh chip.
-        seed: run seed; step ``n`` trains on the chip with seed
+        seed: run seed; step ``n`` trains on the chip (``noise_aware``: the weight noise) with seed
             ``TRAIN_CHIP_SEED_BASE + seed * 10**6 + n`` (reproducible, resumable).
     """
 
@@ -47,6 +49,11 @@ class CrossbarClassifier(pl.LightningModule):
         """True while training on the crossbar model (after ``pretrain_epochs`` ideal epochs)."""
         t = self.training_cfg
         return t.mode == "tech_aware" and self.current_epoch >= t.pretrain_epochs
+
+    @property
+    def step_seed(self) -> int:
+        """Seed of this step's training chip or weight noise."""
+        return TRAIN_CHIP_SEED_BASE + self.seed * 10**6 + self.global_step
 
     def forward(self, x):
         return self.model(x)
@@ -79,7 +86,11 @@ class CrossbarClassifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = F.cross_entropy(self.model(x), y)
+        if self.training_cfg.mode == "noise_aware":
+            logits = forward_with_weight_noise(self.model, x, self.training_cfg.noise, self.step_seed)
+        else:
+            logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
