@@ -149,7 +149,14 @@ def _one_line(e: BaseException) -> str:
     if isinstance(cause, yaml.MarkedYAMLError):
         return _one_line(cause)
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    text = lines[0]
+    if text.endswith("raised while composing config:") and len(lines) > 1:
+        # Hydra's wrapper line says where; the next says what
+        text = f"{text.split(':')[0]}: {lines[1]}"
+    full_key = next((line for line in lines[1:] if line.startswith("full_key:")), None)
+    return f"{text} ({full_key})" if full_key else text
 
 
 def _check_value(schema: DictConfig, key: str, value) -> Optional[str]:
