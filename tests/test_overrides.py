@@ -37,7 +37,7 @@ def _changed(value):
     if isinstance(value, int):
         return value + 1
     if isinstance(value, float):
-        return value * 1.5
+        return value * 0.5
     return value
 
 
@@ -79,6 +79,8 @@ def test_every_key_is_accepted_from_the_command_line(option, key, value):
     assert check_overrides([override], CONF) is None, override
     assert check_overrides(["-m", f"{override},{override}"], CONF) is None, override
     typed = validate(compose([option, override]))
+    if "${" in value:  # an interpolation: composed and resolved, nothing to compare with
+        return
     got = typed
     for part in key.split("."):
         got = getattr(got, part)
