@@ -62,11 +62,32 @@ def check_conductance(name: str, G: torch.Tensor) -> None:
         raise ValueError(f"{name} must have shape (..., rows, cols) (got {tuple(G.shape)})")
     if G.shape[-1] == 0 or G.shape[-2] == 0:
         raise ValueError(f"{name} must have at least one row and one column (got {tuple(G.shape)})")
+    if not _host_checks(G):
+        return  # a value check would stop the host until the device catches up (NaN propagates)
     with torch.no_grad():
         if not bool(torch.isfinite(G).all()):
             raise ValueError(f"{name} must be finite (found NaN or inf)")
         if bool((G < 0).any()):
             raise ValueError(f"{name} must be >= 0 siemens (found {float(G.min()):.3e})")
+
+
+def _host_checks(t: torch.Tensor) -> bool:
+    """Whether checks that read values back to the host run for ``t``: always on the CPU.
+
+    On an accelerator every such read is a device sync, which stalls the host once per
+    layer and step; there the value checks of the hot path are skipped (conductances
+    made by the layers are finite and >= 0 by construction, and a failed
+    factorisation yields NaN, which reaches the loss) or amortised
+    (:func:`_float64_if_needed`).
+    """
+    return t.device.type == "cpu"
+
+
+# On accelerators the float32 conditioning estimate is read back once per this many
+# solves of a given circuit (shape, resistances, device); once it asked for float64,
+# that circuit stays in float64.
+DEVICE_CHECK_EVERY = 64
+_device_checks: dict = {}
 
 
 # float32 results whose estimated relative error exceeds this are recomputed in float64.
@@ -96,7 +117,17 @@ def _float64_if_needed(G: torch.Tensor, r_source: float, r_sink: float) -> bool:
     """True (with a warning) when a float32 result would lose its accuracy."""
     if G.dtype != torch.float32 or r_sink == 0.0 or r_source == 0.0:
         return False  # with one side ideal, B is I + diagonal, or M is well-conditioned
+    if not _host_checks(G):
+        key = (tuple(G.shape), r_source, r_sink, G.device)
+        calls, sticky = _device_checks.get(key, (0, False))
+        _device_checks[key] = (calls + 1, sticky)
+        if sticky:
+            return True
+        if calls % DEVICE_CHECK_EVERY:
+            return False
     err = float32_error_estimate(G, r_source, r_sink)
+    if not _host_checks(G):
+        _device_checks[key] = (calls + 1, err > FLOAT32_MAX_REL_ERROR)
     if err <= FLOAT32_MAX_REL_ERROR:
         return False
     warnings.warn(
@@ -108,6 +139,20 @@ def _float64_if_needed(G: torch.Tensor, r_source: float, r_sink: float) -> bool:
     return True
 
 
+def _cholesky(B: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of a batch of SPD matrices; raises (CPU) or gives NaN (accelerators) if not SPD."""
+    L, info = torch.linalg.cholesky_ex(B)
+    if _host_checks(B):
+        if bool((info != 0).any()):
+            raise ValueError(
+                "crossbar system is not positive definite: conductances or resistances are "
+                "too extreme for this precision (try float64)"
+            )
+    else:
+        L = L.masked_fill((info != 0)[..., None, None], float("nan"))
+    return L
+
+
 def _spd_inverse(B: torch.Tensor) -> torch.Tensor:
     """Inverse of a batch of SPD matrices through Cholesky.
 
@@ -115,12 +160,7 @@ def _spd_inverse(B: torch.Tensor) -> torch.Tensor:
     matmul: on CPU, batched LAPACK solves with many right-hand sides are several
     times slower than batched matmul, so every later use of ``B^-1`` is a matmul.
     """
-    L, info = torch.linalg.cholesky_ex(B)
-    if bool((info != 0).any()):
-        raise ValueError(
-            "crossbar system is not positive definite: conductances or resistances are "
-            "too extreme for this precision (try float64)"
-        )
+    L = _cholesky(B)
     eye = torch.eye(B.shape[-1], dtype=B.dtype, device=B.device).expand_as(B)
     L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
     return L_inv.mT @ L_inv
@@ -266,13 +306,7 @@ def _cols_system(G: torch.Tensor, r_source: float, r_sink: float):
     # Gram product is not symmetrised; the diagonal is added in place.
     B = (G.mT @ (s.unsqueeze(-1) * G)).mul_(-r_sink)
     B.diagonal(dim1=-2, dim2=-1).add_(G.sum(-2), alpha=r_sink).add_(1.0)
-    L, info = torch.linalg.cholesky_ex(B)
-    if bool((info != 0).any()):
-        raise ValueError(
-            "crossbar system is not positive definite: conductances or resistances are "
-            "too extreme for this precision (try float64)"
-        )
-    return a, s, L
+    return a, s, _cholesky(B)
 
 
 def _grad_factored(G, a, s, L, Lf, Xr, F1, r_source, r_sink):
