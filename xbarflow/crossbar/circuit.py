@@ -65,10 +65,12 @@ def check_conductance(name: str, G: torch.Tensor) -> None:
     if not _host_checks(G):
         return  # a value check would stop the host until the device catches up (NaN propagates)
     with torch.no_grad():
-        if not bool(torch.isfinite(G).all()):
+        lo, hi = torch.aminmax(G)  # one pass; NaN propagates to both
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"{name} must be finite (found NaN or inf)")
-        if bool((G < 0).any()):
-            raise ValueError(f"{name} must be >= 0 siemens (found {float(G.min()):.3e})")
+        if lo < 0:
+            raise ValueError(f"{name} must be >= 0 siemens (found {lo:.3e})")
 
 
 def _host_checks(t: torch.Tensor) -> bool:
@@ -106,7 +108,8 @@ def float32_error_estimate(G: torch.Tensor, r_source: float, r_sink: float) -> f
     M approaches a singular Laplacian.
     """
     with torch.no_grad():
-        Gd = G.detach().double()
+        # in G's dtype: an estimate needs one digit, and a float64 copy of G costs a pass
+        Gd = G.detach()
         a = 1.0 / (1.0 + r_source * Gd.sum(-1))
         c_max = float(Gd.sum(-2).max())
         lam_min = 1.0 + r_sink * float((Gd.mT @ a.unsqueeze(-1)).min())
@@ -174,11 +177,13 @@ def _transfer_cols_forward(G: torch.Tensor, r_source: float, r_sink: float) -> T
         return a.unsqueeze(-1) * G, a, None
     c = G.sum(-2)
     s = r_source * a
-    # M = diag(c) - G^T diag(s) G ; the matrix is symmetric, so symmetrise the rounding
-    GtsG = G.mT @ (s.unsqueeze(-1) * G) if r_source > 0 else None
-    B = torch.diag_embed(1.0 + r_sink * c)
-    if GtsG is not None:
-        B = B - r_sink * 0.5 * (GtsG + GtsG.mT)
+    # B = I + r_sink (diag(c) - G^T diag(s) G), built in place; the Cholesky factorisation
+    # reads only its lower triangle, so the Gram product's rounding needs no symmetrising
+    if r_source > 0:
+        B = (G.mT @ (s.unsqueeze(-1) * G)).mul_(-r_sink)
+    else:
+        B = G.new_zeros(*G.shape[:-2], G.shape[-1], G.shape[-1])
+    B.diagonal(dim1=-2, dim2=-1).add_(c, alpha=r_sink).add_(1.0)
     B_inv = _spd_inverse(B)
     T = (a.unsqueeze(-1) * G) @ B_inv
     return T, a, B_inv
