@@ -196,7 +196,7 @@ class _TransferCols(torch.autograd.Function):
     def forward(ctx, G, r_source, r_sink):
         T, a, B_inv = _transfer_cols_forward(G, r_source, r_sink)
         ctx.r_source, ctx.r_sink = r_source, r_sink
-        ctx.save_for_backward(G, T, a, B_inv if B_inv is not None else torch.empty(0))
+        ctx.save_for_backward(G, T, a, B_inv if B_inv is not None else G.new_empty(0))
         return T
 
     @staticmethod
