@@ -94,7 +94,7 @@ def test_draw_cache_is_bounded():
 def _check_gpu(*args):
     env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "check_gpu.py"), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=1800)
 
 
 def test_check_gpu_without_cuda_exits_0_with_one_line():
