@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xbarflow-installed
 
-.PHONY: install demo test test-slow bench ui clean
+.PHONY: install demo lint test test-slow bench ui clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,12 +19,18 @@ install: $(STAMP)
 demo: install
 	$(PY) run.py
 
-# The test suite (slow tests excluded; about 5-10 minutes on 2 cores).
-test: install
+# ruff (pyflakes, pycodestyle, isort, bugbear; see pyproject.toml) on everything, mypy on the
+# physics core and the layers. A finding fails `make test` and CI.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+# Lint, then the test suite (slow tests excluded; about 10-15 minutes on 2 cores).
+test: lint
 	$(PY) -m pytest -q
 
 # Long tests too (parallel-sweep race repetitions, ngspice on larger arrays, ...).
-test-slow: install
+test-slow: lint
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: install

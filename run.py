@@ -65,10 +65,11 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     from pathlib import Path
 
-    from xbarflow.cli import check_overrides
+    from xbarflow.cli import check_composition, check_overrides
     from xbarflow.runtime import tune_allocator
 
-    error = check_overrides(sys.argv[1:], Path(__file__).resolve().parent / "conf")
+    conf_dir = Path(__file__).resolve().parent / "conf"
+    error = check_overrides(sys.argv[1:], conf_dir) or check_composition(sys.argv[1:], conf_dir)
     if error:
         print(error, file=sys.stderr)
         sys.exit(2)

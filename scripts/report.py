@@ -59,9 +59,12 @@ def _sort_key(axis: str, v):
     return v[0] * v[1] if axis == "array" else v
 
 
-def collect(client, parent_ids: List[str]) -> List[Dict[str, Any]]:
+def collect(client, parent_ids: List[str], series: List[str] = (), where: Dict[str, str] = None) -> List[Dict[str, Any]]:
     """Finished child runs of the given sweeps; a later sweep's run replaces an earlier one
-    of the same dataset, configuration and training mode."""
+    of the same dataset, configuration and training mode.
+
+    ``series``: params whose values split the runs into separate lines (joined to the dataset's
+    name, e.g. ``mnist5k/learned``); ``where``: keep only runs whose params have these values."""
     runs = []
     for parent_id in parent_ids:
         parent = client.get_run(parent_id)
@@ -72,8 +75,11 @@ def collect(client, parent_ids: List[str]) -> List[Dict[str, Any]]:
     for r in runs:
         if r.info.status != "FINISHED":
             continue
-        row = {"run_id": r.info.run_id, "params": dict(r.data.params), "mode": r.data.params["training.mode"],
-               "dataset": r.data.params.get("dataset.name", "")}
+        params = dict(r.data.params)
+        if any(params.get(k) != v for k, v in (where or {}).items()):
+            continue
+        name = "/".join([params.get("dataset.name", "")] + [params.get(k, "?") for k in series])
+        row = {"run_id": r.info.run_id, "params": params, "mode": params["training.mode"], "dataset": name}
         row.update({m: r.data.metrics.get(m, float("nan")) for m in SECTION8})
         rows.append(row)
     return rows
@@ -137,7 +143,7 @@ def figure(rows: List[Dict[str, Any]], axis: str, title: str):
     order = sorted({r["x"] for r in rows}, key=lambda v: _sort_key(axis, v))
     position = {v: i for i, v in enumerate(order)}
     datasets = sorted({r["dataset"] for r in rows}, key=lambda d: (d != "mnist5k", d))
-    markers = dict(zip(datasets, ["o", "s", "D", "^"]))
+    markers = dict(zip(datasets, ["o", "s", "D", "^", "P", "X", "*", "h"] * 4))
     for ds in datasets:
         for mode in ("standard", "tech_aware"):
             rs = sorted((r for r in rows if r["mode"] == mode and r["dataset"] == ds), key=lambda r: _sort_key(axis, r["x"]))
@@ -193,6 +199,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{os.path.abspath('mlflow.db')}"))
     ap.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
+    ap.add_argument("--series", action="append", default=[],
+                    help="a param that splits the runs into lines (repeatable), e.g. xbar.adc_range_mode")
+    ap.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                    help="report only runs with this param value (repeatable), e.g. hardware.name=rram")
     args = ap.parse_args(argv)
 
     client = client_for(args.tracking_uri)
@@ -209,7 +219,8 @@ def main(argv=None) -> int:
             return 2
         parent_ids = [p.info.run_id for p in parents]
     parent_id = parent_ids[0]  # the most recent sweep receives the report
-    rows = collect(client, parent_ids)
+    where = dict(w.split("=", 1) for w in args.where)
+    rows = collect(client, parent_ids, args.series, where)
     if not rows:
         print(f"error: sweeps {parent_ids} have no finished runs", file=sys.stderr)
         return 2

@@ -94,3 +94,90 @@ def test_command_line_structural_error_exits_before_any_run(workdir, args):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert not (workdir / "mlflow.db").exists() and not (workdir / "multirun").exists()
+
+
+# ---------------------------------------------------------------- issue 11: inputs that once gave tracebacks
+def _one_line_exit_2(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _no_run_left(workdir):
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "multirun").exists()
+
+
+def test_array_too_large_for_memory_is_refused_with_the_estimate(workdir):
+    proc = run_cli(["experiment=smoke", "xbar.size=100000"], cwd=workdir)
+    line = _one_line_exit_2(proc, "layer '1'", "784x500 weights", "100000x100000 tiles", "GB")
+    assert "more than the" in line
+    _no_run_left(workdir)
+
+
+def test_array_too_large_in_a_sweep_rejects_that_job_only(workdir):
+    proc = run_cli(["-m", "experiment=smoke", "dataset=digits", "xbar.size=32,100000"], cwd=workdir)
+    assert proc.returncode != 0
+    table = proc.stdout[proc.stdout.index("Sweep summary"):]
+    assert "| 0 | FINISHED | 32 |" in table and "| 1 | REJECTED | 100000 |" in table
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("xbarflow").experiment_id])
+    assert not any(r.info.status == "RUNNING" for r in runs)
+
+
+def test_memory_limit_is_configurable_and_warns_near_it(workdir):
+    # digits FCN 64-500-10 on 64x64 tiles, technology-aware: 32 tiles, ~0.0034 GB; 0.004 GB warns, 0.001 refuses
+    proc = run_cli(["experiment=smoke", "dataset=digits", "trainer.memory_limit_gb=0.001"], cwd=workdir)
+    _one_line_exit_2(proc, "trainer.memory_limit_gb")
+    proc = run_cli(["experiment=smoke", "dataset=digits", "trainer.memory_limit_gb=0.004"], cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: the crossbar simulation needs about" in proc.stderr
+
+
+def test_init_from_a_missing_file(workdir):
+    proc = run_cli(["experiment=smoke", f"training.init_from={workdir / 'nope.pt'}"], cwd=workdir)
+    _one_line_exit_2(proc, "training.init_from=", "nope.pt", "no such file")
+    _no_run_left(workdir)
+
+
+def test_init_from_a_file_that_is_not_a_checkpoint(workdir):
+    bad = workdir / "notes.txt"
+    bad.write_text("these are not weights\n")
+    proc = run_cli(["experiment=smoke", f"training.init_from={bad}"], cwd=workdir)
+    _one_line_exit_2(proc, "training.init_from=", "notes.txt", "not a PyTorch checkpoint")
+    _no_run_left(workdir)
+
+
+def test_init_from_weights_of_another_model(workdir):
+    import torch
+
+    bad = workdir / "other.pt"
+    torch.save({"0.weight": torch.zeros(3, 3)}, bad)
+    proc = run_cli(["experiment=smoke", "dataset=digits", f"training.init_from={bad}"], cwd=workdir)
+    _one_line_exit_2(proc, "training.init_from=", "does not fit the model")
+    _no_run_left(workdir)
+
+
+def test_init_from_good_weights_and_a_lightning_checkpoint(workdir):
+    """The success paths: an earlier run's weights.pt and its Lightning checkpoint both load."""
+    first = run_cli(["experiment=smoke", "dataset=digits", f"hydra.run.dir={workdir / 'first'}"], cwd=workdir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    for path in (workdir / "first" / "weights.pt", workdir / "first" / "checkpoints" / "last.ckpt"):
+        proc = run_cli(["experiment=smoke", "dataset=digits", f"training.init_from={path}"], cwd=workdir)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_device_yaml_with_a_syntax_error(workdir, tmp_path_factory, sweep):
+    extra = tmp_path_factory.mktemp("userconf")
+    (extra / "hardware").mkdir()
+    (extra / "hardware" / "broken.yaml").write_text("name: broken\nr_on: 1.0e4\nr_off: [1.0e5\nc2c: 0.0\nd2d: 0.0\n")
+    choice = ["-m", "hardware=rram,broken"] if sweep else ["hardware=broken"]
+    proc = run_cli(["experiment=smoke", f"hydra.searchpath=[file://{extra}]", *choice], cwd=workdir)
+    _one_line_exit_2(proc, "YAML syntax error", "broken.yaml", "line 4")
+    _no_run_left(workdir)

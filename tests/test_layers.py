@@ -218,7 +218,9 @@ def test_column_gain_calibration_least_squares():
 
 def _mlp_like(xmodel):
     plain = _mlp()
-    plain.load_state_dict({k: v for k, v in xmodel.state_dict().items() if "log_column_gain" not in k})
+    from xbarflow.nn.layers import CROSSBAR_ONLY_PARAMS
+
+    plain.load_state_dict({k: v for k, v in xmodel.state_dict().items() if not k.endswith(CROSSBAR_ONLY_PARAMS)})
     return plain
 
 

@@ -82,7 +82,16 @@ class XbarConfig:
     dac_bits: int = rf(8, ge=1, le=32)           # row DAC resolution
     dac_range: Optional[float] = rf(None, gt=0.0)   # DAC full scale (input units); null = max |x| per sample
     adc_bits: int = rf(8, ge=1, le=32)           # column ADC resolution (one ADC per differential pair)
-    adc_range: float = rf(0.25, gt=0.0)          # ADC full scale / (rows * (g_max - g_min) * v_read)
+    adc_range: float = rf(0.25, gt=0.0)          # ADC full scale / (rows * (g_max - g_min) * v_read) (fixed mode; start value)
+    # how the ADC range is set: auto = learned for tech_aware, calibrated for standard training;
+    # fixed = adc_range for every converter; calibrated = a percentile of the nominal array's outputs
+    # on training images, per tile or column pair; learned = calibrated, then trained (LSQ gradient)
+    adc_range_mode: str = rf("auto", choices=("auto", "fixed", "calibrated", "learned"))
+    adc_granularity: str = rf("tile", choices=("tile", "column"))   # one range per tile, or per column pair
+    adc_percentile: float = rf(99.9, gt=0.0, le=100.0)              # of |I+ - I-| over the calibration batch
+    dac_range_mode: str = rf("per_sample", choices=("per_sample", "fixed", "calibrated"))
+    dac_percentile: float = rf(99.9, gt=0.0, le=100.0)              # of a layer's |inputs|
+    calibration_samples: int = rf(512, ge=1)                        # training images that calibrate the converters
 
 
 @dataclass
@@ -129,6 +138,8 @@ class TrainerConfig:
     log_every_n_steps: int = rf(10, ge=1)
     enable_progress_bar: bool = True
     deterministic: bool = True
+    # memory the crossbar simulation may use, GB; null: this machine's (or the GPU's) memory
+    memory_limit_gb: Optional[float] = rf(None, gt=0.0)
     # extra Lightning callbacks, each a dict with `_target_` (instantiated by Hydra)
     callbacks: List[Any] = field(default_factory=list)
 
@@ -228,6 +239,8 @@ def validate(cfg: DictConfig) -> Config:
     t = obj.training
     if t.mode == "tech_aware" and t.pretrain_epochs >= t.epochs:
         raise ConfigError(f"training.pretrain_epochs must be < training.epochs (got {t.pretrain_epochs} >= {t.epochs})")
+    if obj.xbar.dac_range_mode == "fixed" and obj.xbar.dac_range is None:
+        raise ConfigError("xbar.dac_range must be set (> 0) when xbar.dac_range_mode is fixed (got null)")
     hw = obj.hardware
     if not hw.r_off > hw.r_on:
         raise ConfigError(f"hardware.r_off must be > hardware.r_on (got r_on={hw.r_on}, r_off={hw.r_off})")

@@ -36,7 +36,28 @@ def crossbar_spec(cfg) -> CrossbarSpec:
         dac_range=xb.dac_range,
         adc_bits=xb.adc_bits if ni.adc else None,
         adc_range=xb.adc_range,
+        adc_range_mode=adc_range_mode(cfg),
+        adc_granularity=xb.adc_granularity,
+        adc_percentile=xb.adc_percentile,
+        dac_range_mode=xb.dac_range_mode,
+        dac_percentile=xb.dac_percentile,
     )
+
+
+def adc_range_mode(cfg) -> str:
+    """How the ADC ranges of this run are set: ``auto`` resolved by the training mode.
+
+    Only technology-aware training trains through the converters, so ``learned`` (and ``auto``)
+    is ``calibrated`` for any other training mode: the range a deployed chip of that network
+    would calibrate after programming.
+    """
+    mode = cfg.xbar.adc_range_mode
+    tech_aware = cfg.training.mode == "tech_aware"
+    if mode == "auto":
+        return "learned" if tech_aware else "calibrated"
+    if mode == "learned" and not tech_aware:
+        return "calibrated"
+    return mode
 
 
 def device_model(cfg) -> DeviceModel:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from .crossbar.variation import Chip
-from .nn.calibration import calibrate_column_gains
+from .nn.calibration import calibrate_column_gains, calibrate_converters
 from .nn.convert import set_mode, xbar_layers
 
 # Training chips live in their own seed range so they never coincide with evaluation chips.
@@ -65,11 +65,17 @@ class CrossbarClassifier(pl.LightningModule):
         set_mode(self.model, "nominal" if self.tech_aware else "ideal")
 
     def on_train_batch_start(self, batch, batch_idx):
-        self._train_mode()
         t = self.training_cfg
-        if self.tech_aware and t.column_gain and batch_idx == 0 and self.current_epoch == t.pretrain_epochs:
-            # entering the crossbar phase: start the gains at their least-squares values
-            calibrate_column_gains(self.model, batch[0])
+        if self.tech_aware and batch_idx == 0:
+            entering = self.current_epoch == t.pretrain_epochs
+            # converter ranges: calibrated ones follow the weights at every crossbar epoch;
+            # learned ones start from a calibration when the crossbar phase starts
+            calibrate_converters(self.model, batch[0], learned=entering)
+            if entering and t.column_gain:
+                # start the gains at their least-squares values (on the calibrated converters)
+                self._train_mode()
+                calibrate_column_gains(self.model, batch[0])
+        self._train_mode()
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -1,23 +1,234 @@
-"""One run: config -> dataset + converted model -> training -> evaluation -> MLflow."""
+"""One run as a straight line of named steps.
+
+config -> validate -> data -> model (converted to crossbars) -> memory check -> tracked run
+-> train -> evaluate -> log results. Every step that can reject the input runs before the
+MLflow run is opened, so bad input leaves no run behind; a failure after that marks the run
+FAILED (or KILLED on interrupt), never RUNNING (:func:`xbarflow.tracking.open_run`).
+"""
 from __future__ import annotations
 
-import json
-import os
+import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from . import tracking
-from .config import ConfigError, validate
-from .data import EpochShuffleSampler, build_datasets
+from .config import Config, ConfigError, validate
+from .data import DataSplits, EpochShuffleSampler, build_datasets
 from .evaluation import evaluate
-from .hardware import crossbar_spec, make_chip
+from .hardware import adc_range_mode, crossbar_spec, make_chip
 from .lit import CrossbarClassifier
 from .models import build_model
+from .nn.calibration import calibrate_converters, converter_ranges
 from .nn.convert import convert
+from .nn.layers import CROSSBAR_ONLY_PARAMS
+from .nn.memory import model_memory
+from .runtime import memory_limit_bytes
+
+# Above this fraction of the memory limit a run starts, with a warning.
+MEMORY_WARN_FRACTION = 0.8
+
+
+def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str] = None,
+                   parent_run_id: Optional[str] = None, job_num: Optional[int] = None,
+                   overrides: str = "") -> Dict[str, float]:
+    """Train and evaluate one configuration; log everything to MLflow.
+
+    Returns:
+        The section-8 metrics (accuracies in percent).
+
+    Raises:
+        ConfigError, DatasetUnavailable: bad input, before any run is created.
+    """
+    typed = validate(cfg)
+    seed_everything(typed.seed)
+    data = build_datasets(typed.dataset)
+    model = build_crossbar_model(typed, data, start_dir)
+    memory_gb = check_memory(typed, model)
+    with tracking.open_run(typed, cfg, output_dir=output_dir, start_dir=start_dir, parent_run_id=parent_run_id,
+                           job_num=job_num, overrides=overrides,
+                           extra_params={"xbar_memory_gb": f"{memory_gb:.3f}",
+                                         "adc_range_mode_effective": adc_range_mode(typed)}) as run:
+        module = train(typed, cfg, model, data, run)
+        calibrate_periphery(typed, model, data, module.device)
+        metrics, per_chip = evaluate_on_test(typed, model, data, module.device)
+        log_results(run, typed, model, metrics, per_chip)
+    return metrics
+
+
+# ------------------------------------------------------------------ the steps
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (and the dataloader workers) from the run's seed."""
+    import pytorch_lightning as pl
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+
+
+def build_crossbar_model(typed: Config, data: DataSplits, start_dir: Optional[str] = None) -> torch.nn.Module:
+    """The network for the data, converted to crossbar layers, optionally from ``training.init_from``."""
+    model = build_model(typed.model, data.in_shape, data.num_classes)
+    xmodel = convert(model, crossbar_spec(typed))
+    if typed.training.init_from:
+        load_initial_weights(xmodel, typed.training.init_from, start_dir)
+    return xmodel
+
+
+def load_initial_weights(model: torch.nn.Module, path: str, start_dir: Optional[str] = None) -> None:
+    """Load ``weights.pt`` of an earlier run, a plain model's state_dict or a Lightning checkpoint.
+
+    Crossbar-only parameters absent from the file (column gains, converter ranges) keep their
+    initial values.
+
+    Raises:
+        ConfigError: one line, when the file is missing, unreadable or does not fit the model.
+    """
+    key = "training.init_from"
+    file = Path(path)
+    if not file.is_absolute() and start_dir:
+        file = Path(start_dir) / file
+    if not file.is_file():
+        raise ConfigError(f"{key}={path}: no such file")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"{key}={path}: not a PyTorch checkpoint or state_dict ({reason})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
+        state = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{key}={path}: not a state_dict of tensors (got {type(state).__name__})")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise ConfigError(f"{key}={path}: does not fit the model ({str(e).splitlines()[-1].strip()[:200]})") from None
+    missing = [k for k in missing if not k.endswith(CROSSBAR_ONLY_PARAMS)]
+    if unexpected or missing:
+        raise ConfigError(f"{key}={path}: does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def check_memory(typed: Config, model: torch.nn.Module) -> float:
+    """Estimated peak memory of the crossbar simulation in GB; refuse a run that cannot fit.
+
+    Raises:
+        ConfigError: one line naming the largest layer, its arrays and the estimate.
+    """
+    tech_aware = typed.training.mode == "tech_aware"
+    estimate = model_memory(model, train_through_crossbar=tech_aware)
+    gb = estimate.peak_bytes / 1e9
+    if not estimate.layers:
+        return gb
+    limit_gb = (typed.trainer.memory_limit_gb or memory_limit_bytes(typed.trainer.accelerator) / 1e9)
+    name, (fan_in, fan_out), arrays = estimate.largest()
+    what = (f"largest: layer '{name}', {fan_in}x{fan_out} weights on a {arrays.grid[0]}x{arrays.grid[1]} grid of "
+            f"{arrays.tile[0]}x{arrays.tile[1]} tiles, {arrays.arrays} arrays, "
+            f"{(arrays.train_bytes if tech_aware else arrays.eval_bytes) / 1e9:.1f} GB")
+    step = "train and evaluate" if tech_aware else "evaluate"
+    if gb > limit_gb:
+        raise ConfigError(f"xbar.size/rows/cols: the crossbar simulation needs about {gb:.1f} GB to {step} ({what}), "
+                          f"more than the {limit_gb:.1f} GB available (trainer.memory_limit_gb); use smaller tiles")
+    if gb > MEMORY_WARN_FRACTION * limit_gb:
+        print(f"warning: the crossbar simulation needs about {gb:.1f} GB of the {limit_gb:.1f} GB available ({what})",
+              file=sys.stderr, flush=True)
+    return gb
+
+
+def data_loaders(typed: Config, data: DataSplits) -> Tuple[DataLoader, DataLoader, DataLoader]:
+    """Train (shuffled per seed and epoch, so a resumed run sees the same batches), val and test loaders."""
+    workers = typed.dataset.num_workers
+    train_loader = DataLoader(data.train, batch_size=typed.training.batch_size,
+                              sampler=EpochShuffleSampler(len(data.train), typed.seed), num_workers=workers)
+    val_loader = DataLoader(data.val, batch_size=typed.eval.batch_size, num_workers=workers)
+    test_loader = DataLoader(data.test, batch_size=typed.eval.batch_size, num_workers=workers)
+    return train_loader, val_loader, test_loader
+
+
+def build_trainer(typed: Config, cfg: DictConfig, run: "tracking.TrackedRun"):
+    """A Lightning Trainer that logs to the run and checkpoints every epoch into its folder."""
+    import hydra.utils
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    tc = typed.trainer
+    logger = MLFlowLogger(experiment_name=typed.logger.experiment_name, tracking_uri=run.uri, run_id=run.run_id)
+    callbacks = [
+        # save_top_k=1 without a monitor keeps the newest epoch; Lightning writes last.ckpt only
+        # alongside a top-k save
+        ModelCheckpoint(dirpath=run.ckpt_dir, filename="epoch{epoch}", save_last=True, save_top_k=1, every_n_epochs=1),
+        # SIGTERM (SLURM pre-emption) and Ctrl-C: keep the interrupted state for inspection
+        OnExceptionCheckpoint(dirpath=str(run.ckpt_dir), filename="interrupted"),
+        *[hydra.utils.instantiate(c) for c in cfg.trainer.callbacks],
+    ]
+    return pl.Trainer(
+        accelerator=tc.accelerator, devices=tc.devices, strategy=tc.strategy, num_nodes=tc.num_nodes,
+        precision=tc.precision, max_epochs=typed.training.epochs,
+        limit_train_batches=_limit(tc.limit_train_batches), limit_val_batches=_limit(tc.limit_val_batches),
+        log_every_n_steps=tc.log_every_n_steps, enable_progress_bar=tc.enable_progress_bar,
+        deterministic=tc.deterministic, logger=logger, default_root_dir=str(run.output_dir),
+        enable_model_summary=False, callbacks=callbacks,
+    )
+
+
+def train(typed: Config, cfg: DictConfig, model: torch.nn.Module, data: DataSplits,
+          run: "tracking.TrackedRun") -> CrossbarClassifier:
+    """Fit the model in its training mode (resuming from the run's last checkpoint when asked)."""
+    module = CrossbarClassifier(model, typed.training, data.num_classes,
+                                lambda seed: make_chip(typed, seed, train=True), seed=typed.seed)
+    train_loader, val_loader, _ = data_loaders(typed, data)
+    build_trainer(typed, cfg, run).fit(module, train_loader, val_loader, ckpt_path=run.resume_ckpt)
+    return module
+
+
+def calibrate_periphery(typed: Config, model: torch.nn.Module, data: DataSplits, device) -> None:
+    """Calibrate the converters of the trained network, as a deployed chip would after programming.
+
+    ``xbar.calibration_samples`` training images (a seeded draw from the training split, never
+    the test split) on the nominal array set every calibrated DAC scale and ADC range; learned
+    ADC ranges keep what training gave them.
+    """
+    n = min(typed.xbar.calibration_samples, len(data.train))
+    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(typed.seed))[:n]
+    x = torch.stack([data.train[int(i)][0] for i in pick]).to(device)
+    model.eval()
+    calibrate_converters(model, x, learned=False)
+
+
+def evaluate_on_test(typed: Config, model: torch.nn.Module, data: DataSplits,
+                     device) -> Tuple[Dict[str, float], List[float]]:
+    """Section-8 metrics on the test split: software, nominal crossbar, ``eval.n_chips`` chips."""
+    _, _, test_loader = data_loaders(typed, data)
+    return evaluate(model, test_loader, num_classes=data.num_classes, n_chips=typed.eval.n_chips,
+                    chip_seed=typed.eval.chip_seed, make_chip=lambda seed: make_chip(typed, seed), device=device,
+                    times=typed.eval.times)
+
+
+def log_results(run: "tracking.TrackedRun", typed: Config, model: torch.nn.Module,
+                metrics: Dict[str, float], per_chip: List[float]) -> None:
+    """Metrics, the per-chip figure and the trained weights into the run; a summary line on stdout."""
+    tracking.log_metrics(run.client, run.run_id, metrics)
+    for i, acc in enumerate(per_chip):
+        tracking.log_metrics(run.client, run.run_id, {"test/acc_xbar_chip": acc}, step=i)
+    tracking.log_figure(run.client, run.run_id, _chip_figure(per_chip, metrics), "chip_accuracy.png")
+    ranges = converter_ranges(model)
+    if ranges:
+        run.client.log_dict(run.run_id, ranges, "converter_ranges.json")
+        tracking.log_metrics(run.client, run.run_id, _range_metrics(ranges))
+        if any("adc_range" in r for r in ranges.values()):
+            tracking.log_figure(run.client, run.run_id, _adc_range_figure(ranges), "adc_ranges.png")
+    if typed.logger.log_weights:
+        path = run.output_dir / "weights.pt"
+        torch.save(model_state(model), path)
+        run.client.log_artifact(run.run_id, str(path))
+    print(" ".join(f"{k}={v:.2f}" for k, v in metrics.items()), flush=True)
+
+
+# ------------------------------------------------------------------ helpers
+def model_state(model) -> Dict[str, torch.Tensor]:
+    """The software weights (the values to program) and digital column gains; `training.init_from` loads them."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def _chip_figure(per_chip, metrics):
@@ -38,142 +249,41 @@ def _chip_figure(per_chip, metrics):
     return fig
 
 
-def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str] = None,
-                   parent_run_id: Optional[str] = None, job_num: Optional[int] = None,
-                   overrides: str = "") -> Dict[str, float]:
-    """Train and evaluate one configuration; log everything to MLflow.
-
-    Everything that can reject the input (config ranges, dataset availability) runs
-    before the MLflow run is created, so bad input leaves no run behind; a failure
-    after that marks the run FAILED (or KILLED on interrupt), never RUNNING.
-
-    Returns:
-        The section-8 metrics (accuracies in percent).
-    """
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
-    from pytorch_lightning.loggers import MLFlowLogger
-
-    typed = validate(cfg)
-    pl.seed_everything(typed.seed, workers=True, verbose=False)
-    data = build_datasets(typed.dataset)
-    spec = crossbar_spec(typed)
-    model = build_model(typed.model, data.in_shape, data.num_classes)
-    xmodel = convert(model, spec)
-    if typed.training.init_from:
-        # weights.pt of an earlier run (or a plain model's state_dict: gains then start at 1)
-        missing, unexpected = xmodel.load_state_dict(torch.load(typed.training.init_from, map_location="cpu"),
-                                                     strict=False)
-        if unexpected or any(not k.endswith("log_column_gain") for k in missing):
-            raise ConfigError(f"training.init_from {typed.training.init_from} does not fit the model "
-                              f"(missing {missing}, unexpected {unexpected})")
-
-    def chip(seed):
-        return make_chip(typed, seed)
-
-    def train_chip(seed):  # drift: a training chip is read at a random age (see make_chip)
-        return make_chip(typed, seed, train=True)
-
-    module = CrossbarClassifier(xmodel, typed.training, data.num_classes, train_chip, seed=typed.seed)
-    bs = typed.training.batch_size
-    nw = typed.dataset.num_workers
-    train_loader = DataLoader(data.train, batch_size=bs, sampler=EpochShuffleSampler(len(data.train), typed.seed),
-                              num_workers=nw)
-    val_loader = DataLoader(data.val, batch_size=typed.eval.batch_size, num_workers=nw)
-    test_loader = DataLoader(data.test, batch_size=typed.eval.batch_size, num_workers=nw)
-
-    import hydra.utils
-
-    extra_callbacks = [hydra.utils.instantiate(c) for c in cfg.trainer.callbacks]
-    out = Path(output_dir)
-    ckpt_dir, run_file = out / "checkpoints", out / "mlflow_run.json"
-    uri = tracking.tracking_uri(typed.logger, start_dir)
-    client = tracking.client_for(uri)
-    run_id, resume_ckpt = None, None
-    if typed.resume:
-        # continue the same MLflow run from the last end-of-epoch checkpoint: mid-epoch
-        # state cannot be restored exactly with plain dataloaders, an epoch boundary can
-        if run_file.exists():
-            run_id = json.loads(run_file.read_text())["run_id"]
-        if (ckpt_dir / "last.ckpt").exists():
-            resume_ckpt = str(ckpt_dir / "last.ckpt")
-        print(f"resume: run {run_id or '(new)'} from {resume_ckpt or 'the start'}", flush=True)
-    if run_id is None:
-        exp_id = tracking.experiment_id(client, typed.logger.experiment_name)
-        tags = {
-            "training": typed.training.mode, "hardware": typed.hardware.name, "nonideality": typed.nonideality.name,
-            "dataset": typed.dataset.name, "model": typed.model.arch, "overrides": overrides,
-            "output_dir": str(output_dir),
-        }
-        commit = tracking.git_commit(start_dir or os.getcwd())
-        if commit:
-            tags["git_commit"] = commit
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        if job_num is not None:
-            tags["job_num"] = str(job_num)
-        run_name = typed.run_name or (overrides or f"{typed.training.mode}-{typed.hardware.name}")
-        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-        out.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
-        fresh = True
-    else:
-        client.update_run(run_id, "RUNNING")
-        fresh = False
-    exc: Optional[BaseException] = None
-    try:
-        if fresh:
-            resolved = OmegaConf.to_container(cfg, resolve=True)
-            tracking.log_params(client, run_id, tracking.flatten(resolved))
-            client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        logger = MLFlowLogger(experiment_name=typed.logger.experiment_name, tracking_uri=uri, run_id=run_id)
-        tc = typed.trainer
-        trainer = pl.Trainer(
-            accelerator=tc.accelerator, devices=tc.devices, strategy=tc.strategy, num_nodes=tc.num_nodes,
-            precision=tc.precision, max_epochs=typed.training.epochs,
-            limit_train_batches=_limit(tc.limit_train_batches), limit_val_batches=_limit(tc.limit_val_batches),
-            log_every_n_steps=tc.log_every_n_steps, enable_progress_bar=tc.enable_progress_bar,
-            deterministic=tc.deterministic, logger=logger, default_root_dir=str(output_dir),
-            enable_model_summary=False,
-            callbacks=[
-                # save_top_k=1 without a monitor keeps the newest epoch; Lightning writes last.ckpt only
-                # alongside a top-k save
-                ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch}", save_last=True, save_top_k=1, every_n_epochs=1),
-                # SIGTERM (SLURM pre-emption) and Ctrl-C: keep the interrupted state for inspection
-                OnExceptionCheckpoint(dirpath=str(ckpt_dir), filename="interrupted"),
-                *extra_callbacks,
-            ],
-        )
-        trainer.fit(module, train_loader, val_loader, ckpt_path=resume_ckpt)
-        metrics, per_chip = evaluate(
-            xmodel, test_loader, num_classes=data.num_classes, n_chips=typed.eval.n_chips,
-            chip_seed=typed.eval.chip_seed, make_chip=chip, device=module.device, times=typed.eval.times,
-        )
-        tracking.log_metrics(client, run_id, metrics)
-        for i, acc in enumerate(per_chip):
-            tracking.log_metrics(client, run_id, {"test/acc_xbar_chip": acc}, step=i)
-        fig = _chip_figure(per_chip, metrics)
-        client.log_figure(run_id, fig, "chip_accuracy.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-        if typed.logger.log_weights:
-            path = Path(output_dir) / "weights.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model_state(xmodel), path)
-            client.log_artifact(run_id, str(path))
-        print(" ".join(f"{k}={v:.2f}" for k, v in metrics.items()), flush=True)
-        return metrics
-    except BaseException as e:
-        exc = e
-        raise
-    finally:
-        tracking.mark_terminated(client, run_id, exc)
+def _range_metrics(ranges: dict) -> Dict[str, float]:
+    """``adc_range/<layer>/{min,median,max}`` (fractions of a tile's largest current) and
+    ``dac_scale/<layer>`` of the calibrated DACs."""
+    out = {}
+    for name, r in ranges.items():
+        if "adc_range" in r:
+            t = torch.tensor(r["adc_range"]).flatten()
+            out.update({f"adc_range/{name}/min": float(t.min()), f"adc_range/{name}/median": float(t.median()),
+                        f"adc_range/{name}/max": float(t.max())})
+        if r["dac_range_mode"] == "calibrated":
+            out[f"dac_scale/{name}"] = r["dac_scale"]
+    return out
 
 
-def model_state(model) -> Dict[str, torch.Tensor]:
-    """The software weights (the values to program) and digital column gains; `training.init_from` loads them."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def _adc_range_figure(ranges: dict):
+    """Every converter's full scale, layer by layer (fraction of a tile's largest current, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, r in ranges.items() if "adc_range" in r]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 3.6))
+    for i, name in enumerate(names):
+        values = torch.tensor(ranges[name]["adc_range"]).flatten()
+        jitter = (torch.rand(len(values), generator=torch.Generator().manual_seed(i)) - 0.5) * 0.3
+        ax.scatter(i + jitter, values, s=6, alpha=0.5)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("ADC full scale / tile's largest current")
+    ax.set_title(f"ADC ranges ({ranges[names[0]]['adc_range_mode']}, {ranges[names[0]]['adc_bits']} bits)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def _limit(v):

@@ -8,7 +8,7 @@ import ctypes
 import os
 import sys
 
-__all__ = ["tune_allocator"]
+__all__ = ["tune_allocator", "memory_limit_bytes"]
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -40,3 +40,24 @@ def tune_allocator() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(_M_MMAP_THRESHOLD, 256 * 1024 ** 2)) and bool(mallopt(_M_TRIM_THRESHOLD, 1024 ** 3))
+
+
+def memory_limit_bytes(accelerator: str = "cpu") -> float:
+    """Memory a run may use, bytes: the GPU's with a CUDA accelerator, else this machine's.
+
+    The machine's is the smaller of its physical memory and the cgroup's limit (a container
+    or a SLURM allocation).
+    """
+    import torch
+
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    limit = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, float(text))
+    return limit

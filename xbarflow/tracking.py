@@ -15,7 +15,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -89,6 +91,100 @@ def git_commit(cwd: str) -> Optional[str]:
                               timeout=10, check=True).stdout.strip() or None
     except Exception:
         return None
+
+
+@dataclass
+class TrackedRun:
+    """The MLflow run of one job, and where its files go.
+
+    Attributes:
+        client: the MlflowClient of the run's store.
+        run_id: the run's id.
+        uri: the tracking URI.
+        output_dir: the job's folder (checkpoints, ``mlflow_run.json``, ``weights.pt``).
+        resume_ckpt: the checkpoint to resume training from, or None.
+    """
+
+    client: Any
+    run_id: str
+    uri: str
+    output_dir: Path
+    resume_ckpt: Optional[str] = None
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+
+@contextmanager
+def open_run(typed, cfg: DictConfig, *, output_dir: str, start_dir: Optional[str] = None,
+             parent_run_id: Optional[str] = None, job_num: Optional[int] = None, overrides: str = "",
+             extra_params: Optional[Dict[str, str]] = None) -> Iterator[TrackedRun]:
+    """Create the job's MLflow run (or reopen it with ``resume=true``); mark it terminated on exit.
+
+    A new run gets its tags (training, hardware, ..., git commit, parent), every resolved config
+    value as a parameter plus ``extra_params``, and ``config.yaml``. With ``resume=true`` the run
+    recorded in ``<output_dir>/mlflow_run.json`` continues from ``checkpoints/last.ckpt`` (the
+    last epoch boundary: mid-epoch state cannot be restored exactly with plain dataloaders).
+    On exit the run is FINISHED, FAILED (error kept as a tag) or KILLED (interrupt, SIGTERM).
+    """
+    out = Path(output_dir)
+    run_file = out / "mlflow_run.json"
+    uri = tracking_uri(typed.logger, start_dir)
+    client = client_for(uri)
+    run = TrackedRun(client, "", uri, out)
+    if typed.resume:
+        if run_file.exists():
+            run.run_id = json.loads(run_file.read_text())["run_id"]
+        if (run.ckpt_dir / "last.ckpt").exists():
+            run.resume_ckpt = str(run.ckpt_dir / "last.ckpt")
+        print(f"resume: run {run.run_id or '(new)'} from {run.resume_ckpt or 'the start'}", flush=True)
+    fresh = not run.run_id
+    if fresh:
+        tags = {
+            "training": typed.training.mode, "hardware": typed.hardware.name, "nonideality": typed.nonideality.name,
+            "dataset": typed.dataset.name, "model": typed.model.arch, "overrides": overrides,
+            "output_dir": str(output_dir),
+        }
+        commit = git_commit(start_dir or os.getcwd())
+        if commit:
+            tags["git_commit"] = commit
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        if job_num is not None:
+            tags["job_num"] = str(job_num)
+        run_name = typed.run_name or (overrides or f"{typed.training.mode}-{typed.hardware.name}")
+        exp_id = experiment_id(client, typed.logger.experiment_name)
+        run.run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        out.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps({"run_id": run.run_id, "tracking_uri": uri}))
+    else:
+        client.update_run(run.run_id, "RUNNING")
+    exc: Optional[BaseException] = None
+    try:
+        if fresh:
+            from omegaconf import OmegaConf
+
+            params = flatten(OmegaConf.to_container(cfg, resolve=True))
+            params.update(extra_params or {})
+            log_params(client, run.run_id, params)
+            client.log_text(run.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        yield run
+    except BaseException as e:
+        exc = e
+        raise
+    finally:
+        mark_terminated(client, run.run_id, exc)
+
+
+def log_figure(client, run_id: str, fig, path: str) -> None:
+    """Log a matplotlib figure as an artifact and free it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        client.log_figure(run_id, fig, path)
+    finally:
+        plt.close(fig)
 
 
 def log_params(client, run_id: str, params: Dict[str, str]) -> None:

@@ -197,32 +197,76 @@ def effective_apply(
     return Y / k
 
 
+def tile_partials(x: torch.Tensor, W_eff: torch.Tensor, rows: int) -> torch.Tensor:
+    """Each tile row's partial output, before the digital sum over the tiles that share outputs.
+
+    Tiles in one grid row share their inputs; each output column is read by its own converter,
+    so only the split of the fan-in over tile rows matters: partial ``r`` is ``x_r @ W_eff_r``,
+    ``x_r`` the inputs of tile row ``r`` and ``W_eff_r`` its rows of the effective weight
+    (exactly the tiles' transfer matrices, see :func:`effective_weight`).
+
+    Args:
+        x: inputs, shape ``(batch, fan_in)``.
+        W_eff: effective weight, shape ``(fan_in, fan_out)``.
+        rows: word lines per tile.
+
+    Returns:
+        ``(n_r, batch, fan_out)``, in layer-output units.
+    """
+    fan_in, fan_out = W_eff.shape
+    n_r = math.ceil(fan_in / rows)
+    pad = n_r * rows - fan_in
+    xp = F.pad(x, (0, pad)) if pad else x
+    Wp = F.pad(W_eff, (0, 0, 0, pad)) if pad else W_eff
+    return torch.bmm(xp.reshape(-1, n_r, rows).transpose(0, 1), Wp.reshape(n_r, rows, fan_out))
+
+
+def adc_groups(fan_in: int, fan_out: int, spec: CrossbarSpec) -> tuple:
+    """Shape ``(n_r, n_groups)`` of a layer's ADC ranges: one per tile (``n_groups`` tiles along
+    the fan-out) or one per column pair (``n_groups = fan_out``), by ``spec.adc_granularity``."""
+    n_r = math.ceil(fan_in / spec.rows)
+    if spec.adc_granularity == "column":
+        return n_r, fan_out
+    per_tile = spec.cols // 2 if spec.mapping == "interleaved" else spec.cols
+    return n_r, math.ceil(fan_out / per_tile)
+
+
+def adc_range_per_output(adc_range: torch.Tensor, fan_out: int, spec: CrossbarSpec) -> torch.Tensor:
+    """Ranges ``(n_r, n_groups)`` -> one per tile row and output, ``(n_r, 1, fan_out)``."""
+    if adc_range.shape[-1] != fan_out:  # one per tile: every output of the tile shares it
+        per_tile = spec.cols // 2 if spec.mapping == "interleaved" else spec.cols
+        adc_range = adc_range.repeat_interleave(per_tile, dim=-1)[..., :fan_out]
+    return adc_range.unsqueeze(-2)
+
+
+def output_full_scale(spec: CrossbarSpec, w_range: torch.Tensor, x_max) -> torch.Tensor:
+    """The largest differential current of a tile, ``rows (g_max - g_min) v_read``, in layer-output
+    units: ``rows * w_range * x_max`` (broadcasts like ``x_max``, ``(batch, 1)`` or scalar)."""
+    return spec.rows * w_range * x_max
+
+
 def adc_apply(x: torch.Tensor, W_eff: torch.Tensor, spec: CrossbarSpec, w_range: torch.Tensor,
-              x_max: torch.Tensor) -> torch.Tensor:
+              x_max: torch.Tensor, adc_range: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The layer's output with each tile's partial output through the column ADCs.
 
-    Tiles in one grid row share their inputs; tiles in one grid column share their
-    outputs, which are summed digitally *after* conversion. Each output column is
-    converted on its own, so only the split of the fan-in over tile rows matters:
-    ``y = sum_r ADC(x_r @ W_eff_r)``, ``x_r`` the inputs of tile row ``r`` and
-    ``W_eff_r`` its rows of the effective weight (exactly the tiles' transfer
-    matrices, see :func:`effective_weight`).
+    ``y = sum_r ADC(x_r @ W_eff_r)`` over the tile rows (:func:`tile_partials`): the digital
+    sum comes after conversion.
 
     Args:
         x: inputs after the DAC, shape ``(batch, fan_in)``.
         W_eff: effective weight, shape ``(fan_in, fan_out)``.
         w_range: the layer's weight range (``w_max``; scalar tensor).
         x_max: input scale per sample, shape ``(batch, 1)`` or scalar.
+        adc_range: full scale of each converter as a fraction of the tile's largest
+            differential current, shape ``(n_r, n_groups)`` (:func:`adc_groups`); ``None``
+            uses ``spec.adc_range`` for all.
 
     Returns:
-        ``(batch, fan_out)``; the gradient passes the ADC straight through.
+        ``(batch, fan_out)``. Gradient: straight through, or LSQ's when ``adc_range``
+        requires a gradient (see :func:`~.peripherals.adc_quantize`).
     """
-    fan_in, fan_out = W_eff.shape
-    rows = spec.rows
-    n_r = math.ceil(fan_in / rows)
-    pad = n_r * rows - fan_in
-    xp = F.pad(x, (0, pad)) if pad else x
-    Wp = F.pad(W_eff, (0, 0, 0, pad)) if pad else W_eff
-    Y = torch.bmm(xp.reshape(-1, n_r, rows).transpose(0, 1), Wp.reshape(n_r, rows, fan_out))  # (n_r, batch, fan_out)
-    full_scale = spec.adc_range * rows * w_range * x_max        # output units, broadcasts over (batch, 1)
+    fan_out = W_eff.shape[1]
+    Y = tile_partials(x, W_eff, spec.rows)                                  # (n_r, batch, fan_out)
+    frac = spec.adc_range if adc_range is None else adc_range_per_output(adc_range, fan_out, spec)
+    full_scale = frac * output_full_scale(spec, w_range, x_max)            # output units
     return adc_quantize(Y, spec.adc_bits, full_scale).sum(0)

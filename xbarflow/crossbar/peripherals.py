@@ -13,10 +13,15 @@ ADC: one converter per differential column pair sees ``I+ - I-`` (the pair's
 currents are subtracted in analog, e.g. by a current mirror, before conversion;
 this halves the converters and gives a symmetric signed range). Each tile's
 partial output is converted *before* the digital sum over the tiles that share
-outputs. The full scale is ``adc_range`` times the largest differential current a
-tile can produce, ``rows * (g_max - g_min) * v_read`` (every input at full scale,
-every device pair at its extreme), in layer-output units ``adc_range * rows *
-w_max * x_max``.
+outputs. A converter's full scale is a fraction ``adc_range`` of the largest
+differential current a tile can produce, ``rows * (g_max - g_min) * v_read`` (every
+input at full scale, every device pair at its extreme), in layer-output units
+``adc_range * rows * w_max * x_max``. The fraction is one number for every converter
+(``fixed``), or one per tile or per column pair, set from the outputs the array
+actually delivers (``calibrated``: a percentile over a calibration batch) or trained
+with the weights (``learned``): a large array with source and sink resistance, or a
+low-resistance technology, delivers a few percent of that largest current, and a
+fixed fraction would leave it a handful of the converter's codes.
 """
 from __future__ import annotations
 
@@ -55,14 +60,67 @@ def dac_quantize(x: torch.Tensor, bits: int, x_max: torch.Tensor) -> torch.Tenso
     return ste(x, q)
 
 
+class _AdcQuantize(torch.autograd.Function):
+    """Mid-rise ADC with the LSQ gradient for its full scale (Esser et al., "Learned Step Size
+    Quantization", ICLR 2020, adapted to a symmetric mid-rise converter of range ``r``).
+
+    Forward: ``q = (clamp(floor((y + r) / step), 0, n - 1) + 1/2) step - r``, ``step = 2 r / n``.
+    Backward, treating ``floor`` as the identity (STE) as LSQ does:
+
+    * ``dq/dy = 1`` inside the range and 0 where the converter saturates (the clipping is in
+      the gradient, as in PACT and LSQ), so outputs beyond the range stop pulling on the weights;
+    * ``dq/dr = (q - y) / r`` inside (the rounding error: LSQ's ``round(v/s) - v/s``) and
+      ``q / r = +-(1 - 1/n)`` where it saturates (LSQ's ``-Q_n`` / ``Q_p``): a larger range
+      lowers the clipping error and raises the rounding error, and the gradient weighs both.
+    """
+
+    @staticmethod
+    def forward(ctx, y, full_scale, bits):
+        n = 2 ** int(bits)
+        step = 2.0 * full_scale / n
+        k = torch.floor((y + full_scale) / step)
+        inside = (k >= 0) & (k <= n - 1)
+        q = (k.clamp(0, n - 1) + 0.5) * step - full_scale
+        ctx.save_for_backward(y, q, full_scale, inside)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, q, full_scale, inside = ctx.saved_tensors
+        grad_y = grad * inside if ctx.needs_input_grad[0] else None
+        grad_r = None
+        if ctx.needs_input_grad[1]:
+            dq_dr = torch.where(inside, q - y, q) / full_scale
+            grad_r = _sum_to(grad * dq_dr, full_scale.shape)
+        return grad_y, grad_r, None
+
+
+def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
+    """Sum a broadcast gradient back to ``shape``."""
+    lead = t.dim() - len(shape)
+    t = t.sum(dim=tuple(range(lead))) if lead > 0 else t
+    dims = tuple(i for i, s in enumerate(shape) if s == 1 and t.shape[i] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
 def adc_quantize(y: torch.Tensor, bits: int, full_scale: torch.Tensor) -> torch.Tensor:
     """Output of a ``bits``-bit ADC on ``y`` (signed; same units as ``full_scale``).
 
     Mid-rise quantiser over ``[-full_scale, full_scale]``: ``2**bits`` values
     ``(k + 1/2) * step - full_scale``, ``step = 2 * full_scale / 2**bits``; inputs
-    beyond the range saturate. A 1-bit ADC gives ``+-full_scale / 2``. STE gradient
-    (identity; the saturation is not modelled in the gradient).
+    beyond the range saturate. A 1-bit ADC gives ``+-full_scale / 2``.
+
+    Gradient: with a fixed (or calibrated) range, the straight-through estimator (identity
+    in ``y``, as in quantisation-aware training). When ``full_scale`` requires a gradient
+    (a learned range), the LSQ gradient of :class:`_AdcQuantize`: ``y`` passes inside the
+    range only, and the range gets the gradient of the rounding and the clipping error.
+
+    Args:
+        y: converter inputs, any shape.
+        full_scale: the range, broadcastable to ``y`` (e.g. one per tile and column).
     """
+    if isinstance(full_scale, torch.Tensor) and full_scale.requires_grad:
+        return _AdcQuantize.apply(y, full_scale, bits)
     n = 2 ** int(bits)
     step = 2.0 * full_scale / n
     k = torch.floor((y + full_scale) / step).clamp(0, n - 1)

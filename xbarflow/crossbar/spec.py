@@ -6,6 +6,9 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 MAPPINGS = ("separate", "interleaved")
+ADC_RANGE_MODES = ("fixed", "calibrated", "learned")
+ADC_GRANULARITIES = ("tile", "column")
+DAC_RANGE_MODES = ("per_sample", "fixed", "calibrated")
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,16 @@ class CrossbarSpec:
         adc_bits: column ADC resolution, bits; ``None`` for ideal read-out (no
             per-tile quantisation: the forward pass is one matmul).
         adc_range: ADC full scale as a fraction of the largest differential current a
-            tile can produce, ``rows * (g_max - g_min) * v_read`` (see :mod:`.peripherals`).
+            tile can produce, ``rows * (g_max - g_min) * v_read`` (see :mod:`.peripherals`);
+            with ``adc_range_mode`` ``calibrated`` or ``learned``, the starting value.
+        adc_range_mode: ``"fixed"`` (``adc_range`` for every converter), ``"calibrated"``
+            (per tile or column pair, a percentile of the outputs on a calibration batch) or
+            ``"learned"`` (calibrated, then trained with the weights).
+        adc_granularity: ``"tile"`` (one range per tile) or ``"column"`` (one per column pair).
+        dac_range_mode: ``"per_sample"`` (each sample's max |x|), ``"fixed"`` (``dac_range``)
+            or ``"calibrated"`` (a percentile of the layer's inputs on a calibration batch).
+        adc_percentile, dac_percentile: the percentiles (0-100] that calibration sets the
+            ranges to (:func:`xbarflow.nn.calibrate_converters`).
     """
 
     rows: int = 64
@@ -49,6 +61,11 @@ class CrossbarSpec:
     dac_range: Optional[float] = None
     adc_bits: Optional[int] = None
     adc_range: float = 1.0
+    adc_range_mode: str = "fixed"
+    adc_granularity: str = "tile"
+    dac_range_mode: str = "per_sample"
+    adc_percentile: float = 99.9
+    dac_percentile: float = 99.9
 
     def __post_init__(self):
         for name in ("rows", "cols"):
@@ -79,6 +96,16 @@ class CrossbarSpec:
             raise ValueError(f"dac_range must be finite and > 0 or None (got {self.dac_range!r})")
         if not _finite(self.adc_range) or self.adc_range <= 0:
             raise ValueError(f"adc_range must be finite and > 0 (got {self.adc_range!r})")
+        for name, allowed in (("adc_range_mode", ADC_RANGE_MODES), ("adc_granularity", ADC_GRANULARITIES),
+                              ("dac_range_mode", DAC_RANGE_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed} (got {getattr(self, name)!r})")
+        for name in ("adc_percentile", "dac_percentile"):
+            v = getattr(self, name)
+            if not _finite(v) or not 0 < v <= 100:
+                raise ValueError(f"{name} must be in (0, 100] (got {v!r})")
+        if self.dac_range_mode == "fixed" and self.dac_range is None:
+            raise ValueError("dac_range_mode 'fixed' needs a dac_range")
 
     @property
     def is_ideal_circuit(self) -> bool:

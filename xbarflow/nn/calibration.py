@@ -59,3 +59,116 @@ def reset_column_gains(model: nn.Module) -> None:
         for m in model.modules():
             if isinstance(m, _XbarMixin):
                 m.log_column_gain.zero_()
+
+
+# Largest tensor torch.quantile takes; larger calibration sets are subsampled (evenly strided).
+_QUANTILE_MAX = 2 ** 24 - 1
+
+
+def _percentile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q``-th percentile (0-100) along the last dimension, NaNs ignored."""
+    if values.numel() > _QUANTILE_MAX:
+        stride = -(-values.numel() // _QUANTILE_MAX)
+        values = values[..., ::stride]
+    return torch.nanquantile(values.float(), q / 100.0, dim=-1).to(values.dtype)
+
+
+def _converter_hook(layer: _XbarMixin, inputs) -> None:
+    """Forward pre-hook: set the layer's calibrated DAC scale and ADC ranges from its input."""
+    from ..crossbar.effective import output_full_scale, tile_partials
+    from ..crossbar.mapping import weight_range
+
+    spec = layer.spec
+    x = inputs[0]
+    if spec.dac_range_mode == "calibrated":
+        layer.dac_scale.copy_(_percentile(x.detach().abs().reshape(1, -1), spec.dac_percentile)
+                              .clamp_min(1e-12).reshape(()))
+    if not spec.has_adc or spec.adc_range_mode == "fixed" or getattr(layer, "_keep_learned_range", False):
+        return
+    x2, x_max = layer.array_inputs(x)
+    W_eff = layer.effective_weight_matrix()
+    partials = tile_partials(x2, W_eff, spec.rows)                          # (n_r, reads, fan_out)
+    full = output_full_scale(spec, weight_range(layer._weight_matrix(), spec.w_max), x_max)
+    frac = (partials / full).abs()                                          # of a tile's largest current
+    n_r, reads, fan_out = frac.shape
+    n_groups = layer.log_adc_range.shape[-1]
+    if n_groups == fan_out:                                                 # one range per column pair
+        per_group = frac.transpose(1, 2)                                    # (n_r, fan_out, reads)
+    else:                                                                   # one range per tile
+        per_tile = spec.cols // 2 if spec.mapping == "interleaved" else spec.cols
+        padded = torch.nn.functional.pad(frac, (0, n_groups * per_tile - fan_out), value=float("nan"))
+        per_group = padded.reshape(n_r, reads, n_groups, per_tile).permute(0, 2, 1, 3).reshape(n_r, n_groups, -1)
+    rng = _percentile(per_group, spec.adc_percentile).clamp_min(1e-6)
+    layer.log_adc_range.data.copy_(rng.log())
+
+
+@torch.no_grad()
+def calibrate_converters(model: nn.Module, x: torch.Tensor, learned: bool = True) -> bool:
+    """Set the calibrated converter ranges of every crossbar layer from one batch on the nominal array.
+
+    Layer by layer, in execution order (so a layer sees the outputs of the already calibrated
+    layers before it): a DAC with ``dac_range_mode="calibrated"`` gets the
+    ``spec.dac_percentile``-th percentile of the layer's ``|inputs|`` as its scale; ADCs with
+    ``adc_range_mode`` ``"calibrated"`` or ``"learned"`` get, per tile (or column pair) and
+    tile row, the ``spec.adc_percentile``-th percentile of ``|I+ - I-|`` over the batch, as a
+    fraction of the tile's largest differential current. This is what a deployed macro does
+    with a programmable reference or a gain stage, calibrated once after programming.
+
+    Args:
+        model: a converted model (any mode; calibration always runs on the nominal array).
+        x: a calibration batch from the training split (never the test split).
+        learned: also (re)start the learned ADC ranges from a calibration.
+
+    Returns:
+        Whether any layer had something to calibrate.
+    """
+    from .convert import xbar_mode
+
+    layers = [m for m in model.modules() if isinstance(m, _XbarMixin) and needs_converter_calibration(m.spec)
+              and (learned or m.spec.adc_range_mode != "learned" or m.spec.dac_range_mode == "calibrated")]
+    if not layers:
+        return False
+    handles = [m.register_forward_pre_hook(_converter_hook) for m in layers]
+    for m in layers:
+        m._keep_learned_range = not learned and m.spec.adc_range_mode == "learned"
+    try:
+        with xbar_mode(model, "nominal"):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in layers:
+            del m._keep_learned_range
+    return True
+
+
+def needs_converter_calibration(spec) -> bool:
+    """True when a layer's DAC scale or ADC ranges are set by :func:`calibrate_converters`."""
+    return spec.dac_range_mode == "calibrated" or (spec.has_adc and spec.adc_range_mode != "fixed")
+
+
+def converter_ranges(model: nn.Module) -> dict:
+    """The converter settings of every crossbar layer that has an ADC or a calibrated DAC.
+
+    Returns:
+        ``{layer name: {"adc_bits", "adc_range_mode", "adc_granularity", "adc_range" (fractions of a
+        tile's largest differential current, nested lists ``[tile row][tile or column]``),
+        "adc_full_scale_uA" (the same in microamperes), "dac_range_mode", "dac_scale"}}``.
+    """
+    out = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, _XbarMixin):
+            continue
+        spec = m.spec
+        if not (spec.has_adc or spec.dac_range_mode == "calibrated"):
+            continue
+        entry = {"dac_range_mode": spec.dac_range_mode, "dac_scale": float(m.dac_scale)}
+        if spec.has_adc:
+            frac = m.adc_range()
+            frac = torch.full_like(m.log_adc_range, spec.adc_range) if frac is None else frac.detach()
+            tile_current_uA = spec.rows * (spec.g_max - spec.g_min) * spec.v_read * 1e6
+            entry.update({"adc_bits": spec.adc_bits, "adc_range_mode": spec.adc_range_mode,
+                          "adc_granularity": spec.adc_granularity, "adc_range": frac.cpu().tolist(),
+                          "adc_full_scale_uA": (frac * tile_current_uA).cpu().tolist()})
+        out[name] = entry
+    return out

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..crossbar.spec import CrossbarSpec
 from ..crossbar.variation import Chip
-from .layers import XbarConv2d, XbarLinear, _XbarMixin
+from .layers import CROSSBAR_ONLY_PARAMS, XbarConv2d, XbarLinear, _XbarMixin
 
 SpecFor = Union[CrossbarSpec, Callable[[str, nn.Module], CrossbarSpec]]
 
@@ -55,7 +55,7 @@ def _convert_one(m: nn.Module, spec: CrossbarSpec, name: str) -> Optional[nn.Mod
     else:
         return None
     missing, unexpected = new.load_state_dict(m.state_dict(), strict=False)
-    assert not unexpected and all(k == "log_column_gain" for k in missing), (missing, unexpected)
+    assert not unexpected and all(k in CROSSBAR_ONLY_PARAMS for k in missing), (missing, unexpected)
     return new
 
 

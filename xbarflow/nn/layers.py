@@ -20,19 +20,24 @@ evaluation run this same forward pass.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..crossbar.effective import adc_apply, effective_apply, effective_weight, fused_is_cheaper
+from ..crossbar.effective import adc_apply, adc_groups, effective_apply, effective_weight, fused_is_cheaper
 from ..crossbar.mapping import weight_range
 from ..crossbar.peripherals import dac_quantize, input_scale
 from ..crossbar.spec import CrossbarSpec
 from ..crossbar.variation import Chip
 
 MODES = ("ideal", "nominal", "chip")
+
+# Parameters a crossbar layer has beyond its software layer (digital periphery); a plain
+# model's state_dict lacks them, and loading one leaves them at their initial values.
+CROSSBAR_ONLY_PARAMS = ("log_column_gain", "log_adc_range", "dac_scale")
 
 
 class _XbarMixin:
@@ -51,6 +56,35 @@ class _XbarMixin:
         # Technology-aware training calibrates and learns it; standard training leaves it at 1.
         self.log_column_gain = nn.Parameter(torch.zeros(self.weight.shape[0], device=self.weight.device,
                                                         dtype=self.weight.dtype))
+        # The converters' ranges (see xbarflow.crossbar.peripherals): ADC full scale per tile row and
+        # tile (or column pair) as a log fraction of a tile's largest differential current; a
+        # parameter when it is learned, else a buffer that calibration sets. The DAC's input scale
+        # when it is calibrated (input units).
+        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
+        log_adc_range = torch.full(adc_groups(self.weight[0].numel(), self.weight.shape[0], spec),
+                                   math.log(spec.adc_range), **kw)
+        if spec.adc_range_mode == "learned":
+            self.log_adc_range = nn.Parameter(log_adc_range)
+        else:
+            self.register_buffer("log_adc_range", log_adc_range)
+        self.register_buffer("dac_scale", torch.tensor(float(spec.dac_range or 1.0), **kw))
+
+    def adc_range(self) -> Optional[torch.Tensor]:
+        """Full scale of each ADC as a fraction of a tile's largest current, ``(n_r, n_groups)``;
+        None for the fixed ``spec.adc_range`` shared by all."""
+        return None if self.spec.adc_range_mode == "fixed" else self.log_adc_range.exp()
+
+    def input_scale(self, x: torch.Tensor, sample_dims: int) -> torch.Tensor:
+        """``x_max`` of the DAC: each sample's max |x|, the fixed ``dac_range`` or the calibrated scale."""
+        mode = self.spec.dac_range_mode
+        if mode == "calibrated":
+            return self.dac_scale.detach()
+        return input_scale(x, self.spec.dac_range if mode == "fixed" else None, sample_dims)
+
+    def array_inputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One row per read of the array and its input scale: ``(reads, fan_in)`` and
+        ``(reads, 1)`` (or a scalar), after the DAC when there is one."""
+        raise NotImplementedError
 
     def _digital(self, y: torch.Tensor, channel_dim: int) -> torch.Tensor:
         """Column gain and bias, both digital, on the array output ``y`` (channels at ``channel_dim``)."""
@@ -132,9 +166,7 @@ class XbarLinear(_XbarMixin, nn.Linear):
         x2 = x.reshape(-1, self.in_features)
         x_max = None
         if spec.has_peripherals:
-            x_max = input_scale(x2, spec.dac_range, 1)                      # (batch, 1) or scalar
-            if spec.dac_bits is not None:
-                x2 = dac_quantize(x2, spec.dac_bits, x_max)
+            x2, x_max = self.array_inputs(x2)
         # bias is added digitally, after the array
         if self._training_through_circuit() and not spec.has_adc:
             batch = x2.shape[0]
@@ -146,9 +178,17 @@ class XbarLinear(_XbarMixin, nn.Linear):
                 return self._digital(y.reshape(*lead, self.out_features), -1)
         W_eff = self.effective_weight_matrix()
         if spec.has_adc:
-            y = adc_apply(x2, W_eff, spec, weight_range(self._weight_matrix(), spec.w_max), x_max)
+            y = adc_apply(x2, W_eff, spec, weight_range(self._weight_matrix(), spec.w_max), x_max, self.adc_range())
             return self._digital(y.reshape(*lead, self.out_features), -1)
         return self._digital(F.linear(x2.reshape(*lead, self.in_features), W_eff.t()), -1)
+
+
+    def array_inputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x2 = x.reshape(-1, self.in_features)
+        x_max = self.input_scale(x2, 1)                                      # (batch, 1) or scalar
+        if self.spec.dac_bits is not None:
+            x2 = dac_quantize(x2, self.spec.dac_bits, x_max)
+        return x2, x_max
 
 
 class XbarConv2d(_XbarMixin, nn.Conv2d):
@@ -171,23 +211,35 @@ class XbarConv2d(_XbarMixin, nn.Conv2d):
         if self.mode == "ideal":
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, 1)
         spec = self.spec
-        x_max = None
-        if spec.has_peripherals:
-            x_max = input_scale(x, spec.dac_range, 3)                       # (N, 1, 1, 1) or scalar
-            if spec.dac_bits is not None:
-                x = dac_quantize(x, spec.dac_bits, x_max)
         W_eff = self.effective_weight_matrix()
         if not spec.has_adc:
+            if spec.dac_bits is not None:
+                x = dac_quantize(x, spec.dac_bits, self.input_scale(x, 3))     # x_max per image
             weight = W_eff.t().reshape(self.weight.shape)
             return self._digital(F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, 1), 1)
         # ADC: the im2col view, one read per output position, tile rows converted separately
         N = x.shape[0]
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
-        L = cols.shape[-1]
-        x2 = cols.transpose(1, 2).reshape(N * L, -1)                           # (N*L, fan_in)
-        xm = x_max.reshape(-1, 1).repeat_interleave(L, dim=0) if x_max.dim() else x_max
-        y = adc_apply(x2, W_eff, spec, weight_range(self._weight_matrix(), spec.w_max), xm)
-        h_out = (x.shape[-2] + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        w_out = L // h_out
-        y = y.reshape(N, L, self.out_channels).transpose(1, 2).reshape(N, self.out_channels, h_out, w_out)
+        x2, xm = self.array_inputs(x)
+        y = adc_apply(x2, W_eff, spec, weight_range(self._weight_matrix(), spec.w_max), xm, self.adc_range())
+        h_out, w_out = self._output_size(x)
+        y = y.reshape(N, h_out * w_out, self.out_channels).transpose(1, 2).reshape(N, self.out_channels, h_out, w_out)
         return self._digital(y, 1)
+
+    def _output_size(self, x: torch.Tensor) -> Tuple[int, int]:
+        size = []
+        for d in (0, 1):
+            span = self.dilation[d] * (self.kernel_size[d] - 1) + 1
+            size.append((x.shape[-2 + d] + 2 * self.padding[d] - span) // self.stride[d] + 1)
+        return size[0], size[1]
+
+    def array_inputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``x`` of shape ``(N, C_in, H, W)``: one read per output position, ``(N * L, fan_in)``;
+        the DAC scale is per image."""
+        x_max = self.input_scale(x, 3)                                        # (N, 1, 1, 1) or scalar
+        if self.spec.dac_bits is not None:
+            x = dac_quantize(x, self.spec.dac_bits, x_max)
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        N, L = x.shape[0], cols.shape[-1]
+        x2 = cols.transpose(1, 2).reshape(N * L, -1)
+        xm = x_max.reshape(-1, 1).repeat_interleave(L, dim=0) if x_max.dim() else x_max
+        return x2, xm

@@ -1,0 +1,165 @@
+"""Converter ranges: calibrated (a percentile of the array's outputs), learned (LSQ gradient), data used."""
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from xbarflow.crossbar import CrossbarSpec, effective_weight
+from xbarflow.crossbar.peripherals import adc_quantize
+from xbarflow.nn import calibrate_converters, convert, set_mode
+
+SPEC = CrossbarSpec(rows=16, cols=16, r_source=1e3, r_sink=1e3, adc_bits=8, adc_range_mode="calibrated",
+                    adc_percentile=90.0)
+
+
+def _layer(spec, fan_in=40, fan_out=24, seed=0):
+    torch.manual_seed(seed)
+    return convert(torch.nn.Sequential(torch.nn.Linear(fan_in, fan_out)), spec)
+
+
+def _coverage(model, x, spec):
+    """Fraction of |tile outputs| within each converter's range, computed from the circuit directly."""
+    layer = model[0]
+    W = layer.weight.detach().t()
+    W_eff = effective_weight(W, spec)                            # nominal array
+    x_max = x.abs().amax(-1, keepdim=True)                       # per-sample DAC scale
+    full = spec.rows * W.abs().max() * x_max                     # a tile's largest current, output units
+    n_r = math.ceil(W.shape[0] / spec.rows)
+    xp = torch.nn.functional.pad(x, (0, n_r * spec.rows - W.shape[0]))
+    Wp = torch.nn.functional.pad(W_eff, (0, 0, 0, n_r * spec.rows - W.shape[0]))
+    rng = layer.log_adc_range.exp().detach()
+    out = []
+    for r in range(n_r):
+        frac = (xp[:, r * spec.rows:(r + 1) * spec.rows] @ Wp[r * spec.rows:(r + 1) * spec.rows] / full).abs()
+        if spec.adc_granularity == "column":
+            out.append((frac <= rng[r]).double().mean(0))
+        else:
+            for t in range(rng.shape[1]):
+                out.append((frac[:, t * spec.cols:(t + 1) * spec.cols] <= rng[r, t]).double().mean().reshape(1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("granularity", ["tile", "column"])
+def test_calibrated_range_covers_the_percentile(granularity):
+    spec = SPEC.replace(adc_granularity=granularity)
+    model = _layer(spec)
+    x = torch.rand(400, 40)
+    assert calibrate_converters(model, x)
+    assert model[0].log_adc_range.shape == ((3, 2) if granularity == "tile" else (3, 24))
+    cover = _coverage(model, x, spec)
+    values = 400 * (16 if granularity == "tile" else 1)
+    # the 90th percentile: 90 % of the calibration outputs inside, up to the quantile's interpolation
+    assert (cover >= 0.90 - 1e-9).all() and (cover <= 0.90 + 2.0 / values + 1e-9).all(), cover
+    # the ranges are far below the fixed full scale's fraction (1.0 here): that is the point
+    assert float(model[0].log_adc_range.exp().max()) < 0.2
+
+
+def test_calibrated_dac_scale_is_the_input_percentile():
+    spec = CrossbarSpec(rows=16, cols=16, dac_bits=6, dac_range_mode="calibrated", dac_percentile=99.0)
+    model = _layer(spec)
+    x = torch.rand(300, 40) * 3.0
+    calibrate_converters(model, x)
+    expected = torch.quantile(x.abs().flatten(), 0.99)
+    assert torch.allclose(model[0].dac_scale, expected, rtol=1e-5)
+
+
+def test_calibration_runs_on_the_nominal_array_whatever_the_mode():
+    from xbarflow.crossbar import Chip
+
+    model = _layer(SPEC)
+    x = torch.rand(200, 40)
+    set_mode(model, "chip", Chip(seed=1, c2c=0.3, d2d=0.3))
+    calibrate_converters(model, x)
+    a = model[0].log_adc_range.clone()
+    set_mode(model, "ideal")
+    calibrate_converters(model, x)
+    assert torch.equal(a, model[0].log_adc_range) and model[0].mode == "ideal"
+
+
+def test_lsq_gradient_of_the_range():
+    """dq/dr = (q - y) / r inside the range, q / r = +-(1 - 1/n) where the converter saturates."""
+    r = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0.3, -1.1, 1.99, 2.5, -7.0], dtype=torch.float64, requires_grad=True)
+    q = adc_quantize(y, 3, r)
+    grads = [torch.autograd.grad(q[i], (y, r), retain_graph=True) for i in range(5)]
+    n = 8
+    for i, (gy, gr) in enumerate(grads):
+        inside = abs(float(y[i].detach())) < 2.0
+        assert float(gy[i]) == (1.0 if inside else 0.0)
+        expected = (float(q[i].detach()) - float(y[i].detach())) / 2.0 if inside else math.copysign(1 - 1 / n, float(y[i].detach()))
+        assert abs(float(gr) - expected) < 1e-12, (i, float(gr), expected)
+    # a fixed range keeps the straight-through gradient (identity, also beyond the range)
+    y2 = y.detach().requires_grad_(True)
+    adc_quantize(y2, 3, torch.tensor(2.0, dtype=torch.float64)).sum().backward()
+    assert torch.equal(y2.grad, torch.ones_like(y2))
+
+
+@pytest.mark.parametrize("start", [0.002, 1.0])
+def test_learned_range_moves_to_reduce_the_conversion_error(start):
+    """A 4-bit ADC that clips almost everything (0.002) or rounds almost everything to one code
+    (1.0): training only the range against the unconverted output lowers the error."""
+    spec = SPEC.replace(adc_bits=4, adc_range=start, adc_range_mode="learned")
+    model = _layer(spec)
+    layer = model[0]
+    set_mode(model, "nominal")
+    x = torch.rand(256, 40)
+    with torch.no_grad():
+        reference = torch.nn.functional.linear(x, effective_weight(layer.weight.t(), spec).t(), layer.bias)
+    opt = torch.optim.Adam([layer.log_adc_range], lr=0.05)
+
+    def loss():
+        return torch.nn.functional.mse_loss(model(x), reference)
+
+    before = float(loss())
+    for _ in range(150):
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        assert layer.log_adc_range.grad is not None and layer.log_adc_range.grad.abs().sum() > 0
+        opt.step()
+    after = float(loss())
+    assert after < 0.3 * before, (before, after)
+    moved = layer.log_adc_range.exp().detach()
+    assert (moved > start).all() if start < 0.01 else (moved < start).all()
+
+
+def test_calibration_never_reads_the_test_split():
+    """The pipeline's calibration reads the training split only: NaN test images change nothing,
+    NaN training images poison every range."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose
+    from xbarflow.config import validate
+    from xbarflow.data import DataSplits
+    from xbarflow.pipeline import build_crossbar_model, calibrate_periphery
+
+    typed = validate(compose(["dataset=digits", "nonideality=full", "training=standard", "xbar.size=32",
+                              "xbar.calibration_samples=64"]))
+    x = torch.rand(300, 1, 8, 8)
+    y = torch.randint(0, 10, (300,))
+    nan = torch.full_like(x, float("nan"))
+    clean = DataSplits(TensorDataset(x, y), TensorDataset(x, y), TensorDataset(nan, y), (1, 8, 8), 10)
+    model = build_crossbar_model(typed, clean)
+    calibrate_periphery(typed, model, clean, "cpu")
+    for layer in (m for m in model.modules() if hasattr(m, "log_adc_range")):
+        assert torch.isfinite(layer.log_adc_range).all() and (layer.log_adc_range < math.log(0.25)).all()
+    poisoned = DataSplits(TensorDataset(nan, y), TensorDataset(x, y), TensorDataset(x, y), (1, 8, 8), 10)
+    model = build_crossbar_model(typed, poisoned)
+    calibrate_periphery(typed, model, poisoned, "cpu")
+    first = next(m for m in model.modules() if hasattr(m, "log_adc_range"))
+    assert not torch.isfinite(first.log_adc_range).any()
+    assert OmegaConf is not None
+
+
+def test_auto_mode_resolves_by_training_mode():
+    from conftest import compose
+    from xbarflow.config import validate
+    from xbarflow.hardware import crossbar_spec
+
+    def mode(*over):
+        return crossbar_spec(validate(compose(["nonideality=full", *over]))).adc_range_mode
+
+    assert mode("training=tech_aware") == "learned" and mode("training=standard") == "calibrated"
+    assert mode("training=standard", "xbar.adc_range_mode=learned") == "calibrated"
+    assert mode("training=standard", "xbar.adc_range_mode=fixed") == "fixed"
