@@ -112,7 +112,8 @@ def main(argv=None):
             res[f"{lay}:{k}:cpu_ms"] = round(statistics.median(cpu[k]), 2)
         for name in versions:
             for m in ("wall", "cpu"):
-                res[f"{lay}:{name}:ratio_{m}"] = round(res[f"{lay}:{name}:tat:{m}_ms"] / res[f"{lay}:{name}:std:{m}_ms"], 2)
+                tat, std = res[f"{lay}:{name}:tat:{m}_ms"], res[f"{lay}:{name}:std:{m}_ms"]
+                res[f"{lay}:{name}:ratio_{m}"] = round(tat / std, 2)
     res["load1_end"] = os.getloadavg()[0]
     for k, v in res.items():
         print(f"{k:45s} {v}")

@@ -175,7 +175,8 @@ def smoke_run(device) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda", help="device to check (default cuda; 'cpu' runs every check on the CPU)")
+    ap.add_argument("--device", default="cuda",
+                    help="device to check (default cuda; 'cpu' runs every check on the CPU)")
     ap.add_argument("--quick", action="store_true",
                     help="for tests: a 784-32-10 network for the steps and the ratios, one timing repetition")
     ap.add_argument("--no-smoke", action="store_true", help="skip the one-epoch smoke run")

@@ -65,8 +65,8 @@ def check_conductance(name: str, G: torch.Tensor) -> None:
     if not _host_checks(G):
         return  # a value check would stop the host until the device catches up (NaN propagates)
     with torch.no_grad():
-        lo, hi = torch.aminmax(G)  # one pass; NaN propagates to both
-        lo, hi = float(lo), float(hi)
+        extremes = torch.aminmax(G)  # one pass; NaN propagates to both
+        lo, hi = float(extremes.min), float(extremes.max)
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"{name} must be finite (found NaN or inf)")
         if lo < 0:
