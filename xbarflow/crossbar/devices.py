@@ -131,13 +131,14 @@ def drift_factors(model: DeviceModel, t: Optional[float], shape, seed: int, name
     """``(t / t0) ** -nu`` per device (``nu ~ N(drift_nu, drift_nu_std)``, clipped at 0), or ``None``.
 
     ``t`` in seconds after programming; ``None`` or ``t <= t0`` means no drift yet
-    (the power law holds from ``t0`` on). Salt ``"drift"``.
+    (the power law holds from ``t0`` on). Salt ``"drift"``. Without a spread of ``nu`` the
+    factor is one number (a float), the same for every device.
     """
     if not model.has_drift or t is None or t <= model.drift_t0:
         return None
     log_ratio = math.log(t / model.drift_t0)
     if model.drift_nu_std == 0.0:
-        return torch.tensor(math.exp(-model.drift_nu * log_ratio), dtype=dtype, device=device)
+        return math.exp(-model.drift_nu * log_ratio)  # a number: no host-to-device copy
     shape = tuple(int(s) for s in shape)
 
     def make():
