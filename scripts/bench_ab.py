@@ -6,7 +6,9 @@ Both versions are imported into one process (the other revision's package is ext
 machine shared with other jobs slows both alike. Reported per layout and version: medians of
 wall time and of process CPU time (CPU time is the steadier of the two on a loaded machine;
 with ``--threads 1`` it is the work done) for a standard step (mode ``ideal``) and a
-technology-aware step (mode ``nominal``), and their ratio.
+technology-aware step (mode ``nominal``), and their ratio; and the bound of the method in the
+same units (``ratio_bound_cpu``: the TAT step's counted FLOPs at the matmul rate measured in
+CPU time, over the standard step's CPU time).
 
 Model and step as ``scripts/bench_crossbar.py`` (FCN 784-500-10, batch 128, float32,
 r_source = r_sink = 1 kOhm, plain SGD); layouts ``xbar64`` (64x64 tiles), ``784x500`` (one
@@ -114,6 +116,29 @@ def main(argv=None):
             for m in ("wall", "cpu"):
                 tat, std = res[f"{lay}:{name}:tat:{m}_ms"], res[f"{lay}:{name}:std:{m}_ms"]
                 res[f"{lay}:{name}:ratio_{m}"] = round(tat / std, 2)
+    # The bound of the method, in the same units: the TAT step's counted FLOPs (products and
+    # factorisations, scripts/bench_crossbar.py's FlopCount) at this process's matmul rate,
+    # measured in CPU time with the same threads, over the median standard step.
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from bench_crossbar import count_flops
+
+    a, b = torch.randn(784, 500), torch.randn(500, 784)
+    mm = []
+    for _ in range(max(5, args.reps)):
+        c0 = time.process_time()
+        a @ b
+        mm.append(time.process_time() - c0)
+    rate = 2 * 784 * 500 * 784 / statistics.median(mm)
+    res["matmul_gflops_cpu_time"] = round(rate / 1e9, 1)
+    for lay in args.layouts.split(","):
+        if lay.startswith("wire"):
+            continue  # the wire solver's products are counted by scripts/bench_wire.py
+        xnn, xcb = versions["xbarflow"]
+        model = xnn.set_mode(xnn.convert(fcn(), xcb.CrossbarSpec(**specs[lay])), "nominal")
+        flops = count_flops(make_step(model, x, t))
+        res[f"{lay}:tat_gflop"] = round(flops / 1e9, 4)
+        bound_ms = flops / rate * 1e3
+        res[f"{lay}:ratio_bound_cpu"] = round(bound_ms / res[f"{lay}:xbarflow:std:cpu_ms"], 2)
     res["load1_end"] = os.getloadavg()[0]
     for k, v in res.items():
         print(f"{k:45s} {v}")
