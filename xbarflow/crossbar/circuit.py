@@ -203,27 +203,33 @@ class _TransferCols(torch.autograd.Function):
     def backward(ctx, grad_T):
         G, T, a, B_inv = ctx.saved_tensors
         rs, rk = ctx.r_source, ctx.r_sink
-        grad_a_rows = a.unsqueeze(-1) * grad_T          # Gamma_a = diag(a) Gamma
         if rk == 0.0:
             # T = diag(a) G
-            grad_G = grad_a_rows
+            grad_G = a.unsqueeze(-1) * grad_T
             grad_a = (grad_T * G).sum(-1)
         else:
-            K = grad_a_rows @ B_inv                       # direct term, B symmetric
-            H = T / a.unsqueeze(-1)                       # G B^-1 (a > 0 always)
-            grad_a = (grad_T * H).sum(-1)
-            P = -(H.mT @ K)                               # dL/dB
-            P = 0.5 * (P + P.mT)
-            grad_c = rk * torch.diagonal(P, dim1=-2, dim2=-1)
-            grad_G = K + grad_c.unsqueeze(-2)
+            # With X = B^-1 and K0 = Gamma X: dL/dB = P = -sym(T^T K0) (T^T K0 = H^T diag(a)
+            # Gamma X with H = G X, written without H); S = T^T K0 + K0^T T = -2 P.
+            K0 = grad_T @ B_inv
+            P1 = T.mT @ K0
+            S = P1 + P1.mT
+            grad_c = (-rk) * torch.diagonal(P1, dim1=-2, dim2=-1)
+            # d<Gamma, T>/da through T directly: rowsum(Gamma o H) = rowsum(Gamma o T) / a
+            grad_a_raw = (grad_T * T).sum(-1)
             if rs > 0.0:
-                GQ = G @ ((-rk) * P)                      # dL/d(G^T diag(s) G) = -rk P
+                # through G^T diag(s) G: dL/dG += 2 diag(s) G (-rk P) = diag(rk s) G S =: M2, and
+                # dL/ds = rk/2 rowsum((G S) o G), i.e. dL/da += rowsum(M2 o G) / (2 a)
                 s = rs * a
-                grad_G = grad_G + 2.0 * s.unsqueeze(-1) * GQ
-                grad_a = grad_a + rs * (GQ * G).sum(-1)
+                M2 = ((rk * s).unsqueeze(-1) * G) @ S
+                grad_a_raw = grad_a_raw + 0.5 * (M2 * G).sum(-1)
+                grad_G = M2.addcmul_(a.unsqueeze(-1), K0)
+            else:
+                grad_G = a.unsqueeze(-1) * K0
+            grad_G.add_(grad_c.unsqueeze(-2))
+            grad_a = grad_a_raw / a
         if rs > 0.0:
             grad_r = -rs * a * a * grad_a
-            grad_G = grad_G + grad_r.unsqueeze(-1)
+            grad_G = grad_G + grad_r.unsqueeze(-1) if rk == 0.0 else grad_G.add_(grad_r.unsqueeze(-1))
         return grad_G, None, None
 
 
