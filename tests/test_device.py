@@ -98,9 +98,16 @@ def _check_gpu(*args):
 
 
 def test_check_gpu_without_cuda_exits_0_with_one_line():
+    """Also with Hydra, OmegaConf, Lightning, MLflow, torchmetrics and torchvision unimportable:
+    a GPU node with nothing but PyTorch runs the script."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the script would run the full check")
-    r = _check_gpu()
+    blocked = ["hydra", "omegaconf", "pytorch_lightning", "lightning", "mlflow", "torchmetrics", "torchvision"]
+    code = (f"import sys, runpy\nfor m in {blocked!r}: sys.modules[m] = None\n"
+            f"sys.argv = ['check_gpu.py']\nrunpy.run_path({os.path.join(ROOT, 'scripts', 'check_gpu.py')!r}, "
+            "run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1
