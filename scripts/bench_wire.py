@@ -25,6 +25,14 @@ a ~50 x 40 nm^2 cross-section and an effective (size-effect) resistivity ~5e-8 O
 gives rho L / A = 5e-8 * 1e-7 / 2e-15 = 2.5 Ohm, the value used in crossbar IR-drop
 studies at that node.
 
+* ``tat_wire_peak_rss_mib_xbar256`` and ``tat_wire_peak_rss_mib_784x500``: peak resident
+  memory (``VmHWM``) of one TAT step with wire (FCN 784-500-10, batch 128, float32) on
+  256x256 tiles and on one 784x500 array, each in a fresh child process; the sweep keeps
+  checkpoints instead of every state when the states would exceed
+  ``wire.KEEP_ALL_BYTES``. ``--memory`` measures only these, with and without
+  checkpoints (``*_keep_all``: every state kept, as before checkpointing); ``--no-memory``
+  skips them (the 784x500 step alone is ~5.5 TFLOP).
+
 Run: ``python scripts/bench_wire.py`` (from anywhere; the repository root is put on
 ``sys.path`` so the package need not be installed).
 """
@@ -34,6 +42,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -137,7 +146,73 @@ def baseline_transfer(G, r_source, r_sink, r_wire, factor_once=False):
     return T
 
 
+def _vm_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (Linux): ``VmHWM`` is the peak resident set."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(layout: str, keep_all: bool) -> dict:
+    """One TAT step with wire (FCN 784-500-10, batch 128, float32) in this process: its peak RSS.
+
+    Run in a fresh child process per measurement (:func:`peak_memory`), so that ``VmHWM``
+    is this step's peak alone. ``keep_all`` switches the sweep's checkpointing off.
+    """
+    tune_allocator()
+    if keep_all:
+        wire.KEEP_ALL_BYTES = float("inf")
+    rows, cols = {"xbar256": (256, 256), "784x500": (784, 500)}[layout]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 10))
+    spec = CrossbarSpec(rows=rows, cols=cols, r_source=R_SOURCE, r_sink=R_SINK, r_wire=R_WIRE)
+    model = set_mode(convert(model, spec), "nominal")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.rand(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    rss0 = _vm_kib("VmRSS")
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return {"peak_rss_mib": round(_vm_kib("VmHWM") / 1024, 1), "rss_before_step_mib": round(rss0 / 1024, 1),
+            "step_s": round(time.perf_counter() - t0, 2), "loss": float(loss.detach())}
+
+
+def peak_memory(layout: str, keep_all: bool) -> dict:
+    """:func:`memory_child` in a fresh Python process (its JSON line)."""
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", layout,
+                        "keep_all" if keep_all else "checkpoint"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def memory_section(result: dict, compare: bool) -> None:
+    """Peak RSS of a TAT step with wire on 256x256 tiles and on one 784x500 array (child processes).
+
+    ``compare`` also measures each with every sweep state kept (no checkpoints: before).
+    """
+    for layout in ("xbar256", "784x500"):
+        for keep_all in ((False, True) if compare else (False,)):
+            m = peak_memory(layout, keep_all)
+            tag = f"{layout}{'_keep_all' if keep_all else ''}"
+            for k, v in m.items():
+                result[f"tat_wire_{k}_{tag}"] = v
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
+        print(json.dumps(memory_child(sys.argv[2], sys.argv[3] == "keep_all")))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory":
+        # only the peak-memory measurements (before and after checkpointing)
+        result = {"checkpoint_keep_all_bytes": wire.KEEP_ALL_BYTES}
+        memory_section(result, compare=True)
+        print(json.dumps(result))
+        return
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     threads = torch.get_num_threads()
@@ -240,6 +315,9 @@ def main():
     result["wire_bound_ms_per_step"] = round(flops / result["matmul_gflops_f32_bmm64"] / 1e6, 1)
     result["step_ratio_bound_wire_xbar64"] = round(
         (result["wire_bound_ms_per_step"] + result["step_ms_standard"]) / result["step_ms_standard"], 1)
+
+    if "--no-memory" not in sys.argv:
+        memory_section(result, compare=False)
 
     for k, v in result.items():
         if k != "baseline_method":

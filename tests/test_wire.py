@@ -194,6 +194,48 @@ def test_second_backward_after_pool_reuse():
     assert torch.equal(g1, g2)
 
 
+@pytest.mark.parametrize("shape", [(3, 10, 10), (2, 17, 9), (2, 9, 17), (1, 5, 5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_checkpointed_sweep_equals_keeping_every_state(monkeypatch, shape, dtype):
+    # with the budget at 0 every sweep keeps checkpoints only and recomputes its segments in
+    # the backward, with the forward's own operations: bitwise the same T and gradient
+    rng = np.random.default_rng(21)
+    G = torch.tensor(rng.uniform(1 / 200e3, 1 / 20e3, size=shape), dtype=dtype, requires_grad=True)
+    W = torch.tensor(rng.standard_normal(shape), dtype=dtype)
+    kw = dict(r_source=1e3, r_sink=1e3, r_wire=2.5)
+    T_all = transfer_matrix_wire(G, **kw)
+    (g_all,) = torch.autograd.grad((T_all * W).sum(), G)
+    monkeypatch.setattr(wire, "KEEP_ALL_BYTES", 0)
+    used = []
+    sweep = wire._sweep
+    monkeypatch.setattr(wire, "_sweep", lambda *a: used.append(a[-1]) or sweep(*a))
+    T_ck = transfer_matrix_wire(G, **kw)
+    (g_ck,) = torch.autograd.grad((T_ck * W).sum(), G)
+    assert used and all(every > 1 for every in used)
+    assert torch.equal(T_all, T_ck) and torch.equal(g_all, g_ck)
+
+
+def test_checkpointed_gradcheck_and_second_backward(monkeypatch):
+    monkeypatch.setattr(wire, "KEEP_ALL_BYTES", 0)
+    rng = np.random.default_rng(22)
+    kw = dict(r_source=700.0, r_sink=300.0, r_wire=10.0)
+    G = torch.tensor(rng.uniform(1e-4, 1e-3, size=(7, 5)), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda G: transfer_matrix_wire(G, **kw), (G,), eps=1e-9, atol=1e-9, rtol=1e-6)
+    W = torch.tensor(rng.standard_normal((7, 5)))
+    loss = (transfer_matrix_wire(G, **kw) * W).sum()
+    (g1,) = torch.autograd.grad(loss, G, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, G)
+    assert torch.equal(g1, g2)
+
+
+def test_checkpoint_every_rule(monkeypatch):
+    monkeypatch.setattr(wire, "KEEP_ALL_BYTES", 1000)
+    assert wire.checkpoint_every(5, 100) == 1           # 2 * 5 states of 100 bytes fit
+    assert wire.checkpoint_every(6, 100) == 3           # they do not: ceil(sqrt(6))
+    assert wire.checkpoint_every(784, 10 ** 6) == 28
+    assert wire.checkpoint_every(2, 10 ** 6) == 2
+
+
 def test_pool_holds_at_most_its_budget(monkeypatch):
     pool = wire._Pool(max_bytes=3 * 8 * 100)
     monkeypatch.setattr(wire, "_POOL", pool)

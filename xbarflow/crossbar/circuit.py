@@ -62,11 +62,34 @@ def check_conductance(name: str, G: torch.Tensor) -> None:
         raise ValueError(f"{name} must have shape (..., rows, cols) (got {tuple(G.shape)})")
     if G.shape[-1] == 0 or G.shape[-2] == 0:
         raise ValueError(f"{name} must have at least one row and one column (got {tuple(G.shape)})")
+    if not _host_checks(G):
+        return  # a value check would stop the host until the device catches up (NaN propagates)
     with torch.no_grad():
-        if not bool(torch.isfinite(G).all()):
+        extremes = torch.aminmax(G)  # one pass; NaN propagates to both
+        lo, hi = float(extremes.min), float(extremes.max)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"{name} must be finite (found NaN or inf)")
-        if bool((G < 0).any()):
-            raise ValueError(f"{name} must be >= 0 siemens (found {float(G.min()):.3e})")
+        if lo < 0:
+            raise ValueError(f"{name} must be >= 0 siemens (found {lo:.3e})")
+
+
+def _host_checks(t: torch.Tensor) -> bool:
+    """Whether checks that read values back to the host run for ``t``: always on the CPU.
+
+    On an accelerator every such read is a device sync, which stalls the host once per
+    layer and step; there the value checks of the hot path are skipped (conductances
+    made by the layers are finite and >= 0 by construction, and a failed
+    factorisation yields NaN, which reaches the loss) or amortised
+    (:func:`_float64_if_needed`).
+    """
+    return t.device.type == "cpu"
+
+
+# On accelerators the float32 conditioning estimate is read back once per this many
+# solves of a given circuit (shape, resistances, device); once it asked for float64,
+# that circuit stays in float64.
+DEVICE_CHECK_EVERY = 64
+_device_checks: dict = {}
 
 
 # float32 results whose estimated relative error exceeds this are recomputed in float64.
@@ -85,7 +108,8 @@ def float32_error_estimate(G: torch.Tensor, r_source: float, r_sink: float) -> f
     M approaches a singular Laplacian.
     """
     with torch.no_grad():
-        Gd = G.detach().double()
+        # in G's dtype: an estimate needs one digit, and a float64 copy of G costs a pass
+        Gd = G.detach()
         a = 1.0 / (1.0 + r_source * Gd.sum(-1))
         c_max = float(Gd.sum(-2).max())
         lam_min = 1.0 + r_sink * float((Gd.mT @ a.unsqueeze(-1)).min())
@@ -96,7 +120,17 @@ def _float64_if_needed(G: torch.Tensor, r_source: float, r_sink: float) -> bool:
     """True (with a warning) when a float32 result would lose its accuracy."""
     if G.dtype != torch.float32 or r_sink == 0.0 or r_source == 0.0:
         return False  # with one side ideal, B is I + diagonal, or M is well-conditioned
+    if not _host_checks(G):
+        key = (tuple(G.shape), r_source, r_sink, G.device)
+        calls, sticky = _device_checks.get(key, (0, False))
+        _device_checks[key] = (calls + 1, sticky)
+        if sticky:
+            return True
+        if calls % DEVICE_CHECK_EVERY:
+            return False
     err = float32_error_estimate(G, r_source, r_sink)
+    if not _host_checks(G):
+        _device_checks[key] = (calls + 1, err > FLOAT32_MAX_REL_ERROR)
     if err <= FLOAT32_MAX_REL_ERROR:
         return False
     warnings.warn(
@@ -108,6 +142,20 @@ def _float64_if_needed(G: torch.Tensor, r_source: float, r_sink: float) -> bool:
     return True
 
 
+def _cholesky(B: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of a batch of SPD matrices; raises (CPU) or gives NaN (accelerators) if not SPD."""
+    L, info = torch.linalg.cholesky_ex(B)
+    if _host_checks(B):
+        if bool((info != 0).any()):
+            raise ValueError(
+                "crossbar system is not positive definite: conductances or resistances are "
+                "too extreme for this precision (try float64)"
+            )
+    else:
+        L = L.masked_fill((info != 0)[..., None, None], float("nan"))
+    return L
+
+
 def _spd_inverse(B: torch.Tensor) -> torch.Tensor:
     """Inverse of a batch of SPD matrices through Cholesky.
 
@@ -115,12 +163,7 @@ def _spd_inverse(B: torch.Tensor) -> torch.Tensor:
     matmul: on CPU, batched LAPACK solves with many right-hand sides are several
     times slower than batched matmul, so every later use of ``B^-1`` is a matmul.
     """
-    L, info = torch.linalg.cholesky_ex(B)
-    if bool((info != 0).any()):
-        raise ValueError(
-            "crossbar system is not positive definite: conductances or resistances are "
-            "too extreme for this precision (try float64)"
-        )
+    L = _cholesky(B)
     eye = torch.eye(B.shape[-1], dtype=B.dtype, device=B.device).expand_as(B)
     L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
     return L_inv.mT @ L_inv
@@ -134,11 +177,13 @@ def _transfer_cols_forward(G: torch.Tensor, r_source: float, r_sink: float) -> T
         return a.unsqueeze(-1) * G, a, None
     c = G.sum(-2)
     s = r_source * a
-    # M = diag(c) - G^T diag(s) G ; the matrix is symmetric, so symmetrise the rounding
-    GtsG = G.mT @ (s.unsqueeze(-1) * G) if r_source > 0 else None
-    B = torch.diag_embed(1.0 + r_sink * c)
-    if GtsG is not None:
-        B = B - r_sink * 0.5 * (GtsG + GtsG.mT)
+    # B = I + r_sink (diag(c) - G^T diag(s) G), built in place; the Cholesky factorisation
+    # reads only its lower triangle, so the Gram product's rounding needs no symmetrising
+    if r_source > 0:
+        B = (G.mT @ (s.unsqueeze(-1) * G)).mul_(-r_sink)
+    else:
+        B = G.new_zeros(*G.shape[:-2], G.shape[-1], G.shape[-1])
+    B.diagonal(dim1=-2, dim2=-1).add_(c, alpha=r_sink).add_(1.0)
     B_inv = _spd_inverse(B)
     T = (a.unsqueeze(-1) * G) @ B_inv
     return T, a, B_inv
@@ -151,34 +196,40 @@ class _TransferCols(torch.autograd.Function):
     def forward(ctx, G, r_source, r_sink):
         T, a, B_inv = _transfer_cols_forward(G, r_source, r_sink)
         ctx.r_source, ctx.r_sink = r_source, r_sink
-        ctx.save_for_backward(G, T, a, B_inv if B_inv is not None else torch.empty(0))
+        ctx.save_for_backward(G, T, a, B_inv if B_inv is not None else G.new_empty(0))
         return T
 
     @staticmethod
     def backward(ctx, grad_T):
         G, T, a, B_inv = ctx.saved_tensors
         rs, rk = ctx.r_source, ctx.r_sink
-        grad_a_rows = a.unsqueeze(-1) * grad_T          # Gamma_a = diag(a) Gamma
         if rk == 0.0:
             # T = diag(a) G
-            grad_G = grad_a_rows
+            grad_G = a.unsqueeze(-1) * grad_T
             grad_a = (grad_T * G).sum(-1)
         else:
-            K = grad_a_rows @ B_inv                       # direct term, B symmetric
-            H = T / a.unsqueeze(-1)                       # G B^-1 (a > 0 always)
-            grad_a = (grad_T * H).sum(-1)
-            P = -(H.mT @ K)                               # dL/dB
-            P = 0.5 * (P + P.mT)
-            grad_c = rk * torch.diagonal(P, dim1=-2, dim2=-1)
-            grad_G = K + grad_c.unsqueeze(-2)
+            # With X = B^-1 and K0 = Gamma X: dL/dB = P = -sym(T^T K0) (T^T K0 = H^T diag(a)
+            # Gamma X with H = G X, written without H); S = T^T K0 + K0^T T = -2 P.
+            K0 = grad_T @ B_inv
+            P1 = T.mT @ K0
+            S = P1 + P1.mT
+            grad_c = (-rk) * torch.diagonal(P1, dim1=-2, dim2=-1)
+            # d<Gamma, T>/da through T directly: rowsum(Gamma o H) = rowsum(Gamma o T) / a
+            grad_a_raw = (grad_T * T).sum(-1)
             if rs > 0.0:
-                GQ = G @ ((-rk) * P)                      # dL/d(G^T diag(s) G) = -rk P
+                # through G^T diag(s) G: dL/dG += 2 diag(s) G (-rk P) = diag(rk s) G S =: M2, and
+                # dL/ds = rk/2 rowsum((G S) o G), i.e. dL/da += rowsum(M2 o G) / (2 a)
                 s = rs * a
-                grad_G = grad_G + 2.0 * s.unsqueeze(-1) * GQ
-                grad_a = grad_a + rs * (GQ * G).sum(-1)
+                M2 = ((rk * s).unsqueeze(-1) * G) @ S
+                grad_a_raw = grad_a_raw + 0.5 * (M2 * G).sum(-1)
+                grad_G = M2.addcmul_(a.unsqueeze(-1), K0)
+            else:
+                grad_G = a.unsqueeze(-1) * K0
+            grad_G.add_(grad_c.unsqueeze(-2))
+            grad_a = grad_a_raw / a
         if rs > 0.0:
             grad_r = -rs * a * a * grad_a
-            grad_G = grad_G + grad_r.unsqueeze(-1)
+            grad_G = grad_G + grad_r.unsqueeze(-1) if rk == 0.0 else grad_G.add_(grad_r.unsqueeze(-1))
         return grad_G, None, None
 
 
@@ -266,13 +317,7 @@ def _cols_system(G: torch.Tensor, r_source: float, r_sink: float):
     # Gram product is not symmetrised; the diagonal is added in place.
     B = (G.mT @ (s.unsqueeze(-1) * G)).mul_(-r_sink)
     B.diagonal(dim1=-2, dim2=-1).add_(G.sum(-2), alpha=r_sink).add_(1.0)
-    L, info = torch.linalg.cholesky_ex(B)
-    if bool((info != 0).any()):
-        raise ValueError(
-            "crossbar system is not positive definite: conductances or resistances are "
-            "too extreme for this precision (try float64)"
-        )
-    return a, s, L
+    return a, s, _cholesky(B)
 
 
 def _grad_factored(G, a, s, L, Lf, Xr, F1, r_source, r_sink):

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .rng import layer_generator
+from .rng import draw, on_device
 
 
 def ste(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -95,13 +95,6 @@ class DeviceModel:
         return not (self.has_stuck or self.has_drift or self.has_read_noise)
 
 
-def _draw(kind: str, shape, seed: int, name: str, salt: str) -> torch.Tensor:
-    """float64 CPU draws (``rand`` or ``randn``) from the layer's salted generator."""
-    gen = layer_generator(seed, name, salt)
-    fn = torch.rand if kind == "rand" else torch.randn
-    return fn(tuple(shape), generator=gen, dtype=torch.float64)
-
-
 def quantize_levels(G: torch.Tensor, levels: int, g_min: float, g_max: float) -> torch.Tensor:
     """Program to the nearest of ``levels`` equally spaced conductances in ``[g_min, g_max]``.
 
@@ -125,7 +118,10 @@ def apply_stuck(G: torch.Tensor, model: DeviceModel, seed: int, name: str, g_min
     """
     if not model.has_stuck:
         return G
-    u = _draw("rand", G.shape, seed, name, "stuck").to(device=G.device)
+    shape = tuple(G.shape)
+    # compared in float64, as drawn: the same cells are stuck on every machine
+    u = on_device(lambda: draw("rand", shape, seed, name, "stuck"), dtype=torch.float64, device=G.device,
+                  key=("stuck", seed, name, shape))
     G = torch.where(u < model.stuck_on, torch.full_like(G, g_max), G)
     off = (u >= model.stuck_on) & (u < model.stuck_on + model.stuck_off)
     return torch.where(off, torch.full_like(G, g_min), G)
@@ -135,15 +131,22 @@ def drift_factors(model: DeviceModel, t: Optional[float], shape, seed: int, name
     """``(t / t0) ** -nu`` per device (``nu ~ N(drift_nu, drift_nu_std)``, clipped at 0), or ``None``.
 
     ``t`` in seconds after programming; ``None`` or ``t <= t0`` means no drift yet
-    (the power law holds from ``t0`` on). Salt ``"drift"``.
+    (the power law holds from ``t0`` on). Salt ``"drift"``. Without a spread of ``nu`` the
+    factor is one number (a float), the same for every device.
     """
     if not model.has_drift or t is None or t <= model.drift_t0:
         return None
     log_ratio = math.log(t / model.drift_t0)
     if model.drift_nu_std == 0.0:
-        return torch.tensor(math.exp(-model.drift_nu * log_ratio), dtype=dtype, device=device)
-    nu = (model.drift_nu + model.drift_nu_std * _draw("randn", shape, seed, name, "drift")).clamp_min(0.0)
-    return torch.exp(-nu * log_ratio).to(dtype=dtype, device=device)
+        return math.exp(-model.drift_nu * log_ratio)  # a number: no host-to-device copy
+    shape = tuple(int(s) for s in shape)
+
+    def make():
+        nu = (model.drift_nu + model.drift_nu_std * draw("randn", shape, seed, name, "drift")).clamp_min(0.0)
+        return torch.exp(-nu * log_ratio)
+
+    return on_device(make, dtype=dtype, device=device,
+                     key=("drift", seed, name, shape, model.drift_nu, model.drift_nu_std, log_ratio))
 
 
 def apply_read_noise(G: torch.Tensor, model: DeviceModel, seed: int, name: str, read: int) -> torch.Tensor:
@@ -154,5 +157,5 @@ def apply_read_noise(G: torch.Tensor, model: DeviceModel, seed: int, name: str, 
     """
     if not model.has_read_noise:
         return G
-    z = _draw("randn", G.shape, seed, name, f"read{int(read)}").to(dtype=G.dtype, device=G.device)
+    z = on_device(lambda: draw("randn", G.shape, seed, name, f"read{int(read)}"), dtype=G.dtype, device=G.device)
     return (G * (1.0 + model.read_noise * z)).clamp_min(0.0)

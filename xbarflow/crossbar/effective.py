@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .circuit import apply_transfer, check_conductance, transfer_columns, transfer_matrix
 from .devices import quantize_levels
-from .mapping import conductance_pair, deinterleave_difference, interleave_columns
+from .mapping import conductance_pair, deinterleave_difference, interleave_columns, tiled_conductance_pair
 from .peripherals import adc_quantize
 from .spec import CrossbarSpec
 from .tiling import from_tiles, to_tiles
@@ -40,12 +40,10 @@ def physical_arrays(W: torch.Tensor, spec: CrossbarSpec):
         arrays (index 0 holds G+, 1 holds G-) or ``(n_r, n_c, rows, cols)`` for
         interleaved columns; k the mapping scale in siemens per unit weight.
     """
+    if spec.mapping != "interleaved":
+        return tiled_conductance_pair(W, spec.g_min, spec.g_max, spec.rows, spec.cols, spec.w_max)
     G_pos, G_neg, k = conductance_pair(W, spec.g_min, spec.g_max, spec.w_max)
-    if spec.mapping == "interleaved":
-        G = interleave_columns(G_pos, G_neg)
-    else:
-        G = torch.stack((G_pos, G_neg))
-    return to_tiles(G, spec.rows, spec.cols, pad_value=spec.g_min), k
+    return to_tiles(interleave_columns(G_pos, G_neg), spec.rows, spec.cols, pad_value=spec.g_min), k
 
 
 def device_conductances(W: torch.Tensor, spec: CrossbarSpec, chip: Optional[Chip] = None, name: str = "",
@@ -97,10 +95,30 @@ def effective_weight(
     T = _tiles_transfer(G, spec, out_cols)
     if spec.mapping == "interleaved":
         T = deinterleave_difference(from_tiles(T, fan_in, 2 * fan_out))
-    else:
-        T = from_tiles(T, fan_in, fan_out)
-        T = T[0] - T[1]
-    return T / k
+        return T / k
+    return from_tiles(_Differential.apply(T, k), fan_in, fan_out)
+
+
+class _Differential(torch.autograd.Function):
+    """``(T[0] - T[1]) / k`` of stacked tiles ``(2, ...)``: the differential output per unit weight.
+
+    Its backward writes the two halves of the gradient directly (autograd's ``select``
+    backward would zero-fill and add two full-size tensors). ``k`` gets no gradient:
+    the mapping's range is a constant or ``max |W|`` taken without gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, T, k):
+        ctx.save_for_backward(k)
+        return torch.sub(T[0], T[1]).div_(k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (k,) = ctx.saved_tensors
+        out = grad.new_empty((2,) + grad.shape)
+        torch.div(grad, k, out=out[0])
+        torch.neg(out[0], out=out[1])
+        return out, None
 
 
 def _low_rank_ok(spec: CrossbarSpec) -> bool:

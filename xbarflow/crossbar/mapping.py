@@ -58,3 +58,65 @@ def input_voltages(x: torch.Tensor, v_read: float, x_max: float) -> torch.Tensor
 def output_from_currents(I_pos: torch.Tensor, I_neg: torch.Tensor, k, v_read: float, x_max: float) -> torch.Tensor:
     """Differential column currents (A) back to layer outputs: ``(I+ - I-) / (k v_read / x_max)``."""
     return (I_pos - I_neg) / (k * v_read / x_max)
+
+
+class _TiledPair(torch.autograd.Function):
+    """:func:`conductance_pair`, stacked and cut into tiles, in one Function (see :func:`tiled_conductance_pair`)."""
+
+    @staticmethod
+    def forward(ctx, W, w_range, g_min: float, g_max: float, rows: int, cols: int):
+        fan_in, fan_out = W.shape
+        n_r, n_c = -(-fan_in // rows), -(-fan_out // cols)
+        pad_r, pad_c = n_r * rows - fan_in, n_c * cols - fan_out
+        # padded cells hold weight 0, i.e. g_min on both arrays
+        Wp = torch.nn.functional.pad(W, (0, pad_c, 0, pad_r)) if pad_r or pad_c else W
+        Wt = Wp.reshape(n_r, rows, n_c, cols)  # splitting dimensions: a view for any strides
+        k = (g_max - g_min) / w_range
+        G = W.new_empty(2, n_r, n_c, rows, cols)
+        # written straight into the contiguous tile layout, so no later product copies G
+        pos, neg = G[0].permute(0, 2, 1, 3), G[1].permute(0, 2, 1, 3)
+        torch.minimum(Wt, w_range, out=pos).clamp_min_(0.0).mul_(k).add_(g_min)
+        torch.maximum(Wt, -w_range, out=neg).clamp_max_(0.0).mul_(-k).add_(g_min)
+        ctx.save_for_backward(W, w_range, k)
+        ctx.grid = (n_r, n_c, pad_r, pad_c)
+        return G
+
+    @staticmethod
+    def backward(ctx, grad_G):
+        W, w_range, k = ctx.saved_tensors
+        n_r, n_c, pad_r, pad_c = ctx.grid
+        rows, cols = grad_G.shape[-2:]
+        fan_in, fan_out = W.shape
+        # d G+/dW = k [W > 0] c, d G-/dW = -k [W < 0] c, with c = 1 inside the clipping range,
+        # 0 outside and 1/2 on its edge (autograd's rule for minimum/maximum ties, kept so that
+        # this equals the composition of elementary ops it replaces)
+        A = W.abs()
+        coef = torch.where(A < w_range, k, torch.where(A == w_range, 0.5 * k, torch.zeros_like(k)))
+        coef = coef * torch.sign(W)
+        if pad_r or pad_c:
+            W = torch.nn.functional.pad(W, (0, pad_c, 0, pad_r))
+            coef = torch.nn.functional.pad(coef, (0, pad_c, 0, pad_r))
+        Wt = W.reshape(n_r, rows, n_c, cols)
+        gpos, gneg = grad_G[0].permute(0, 2, 1, 3), grad_G[1].permute(0, 2, 1, 3)
+        grad_W = torch.where(Wt > 0, gpos, gneg).mul_(coef.reshape(n_r, rows, n_c, cols))
+        grad_W = grad_W.reshape(n_r * rows, n_c * cols)[:fan_in, :fan_out]
+        return grad_W, None, None, None, None, None
+
+
+def tiled_conductance_pair(W: torch.Tensor, g_min: float, g_max: float, rows: int, cols: int,
+                           w_max: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`conductance_pair` of W, stacked (G+ then G-) and cut into ``rows x cols`` tiles.
+
+    Equals ``to_tiles(torch.stack(conductance_pair(W, ...)[:2]), rows, cols, pad_value=g_min)``
+    (value and gradient), in one pass per array forward and one backward, and the result
+    is contiguous in the tile layout (the batched products downstream need no copy).
+
+    Args:
+        W: weights, shape ``(fan_in, fan_out)``, dimensionless (any strides).
+
+    Returns:
+        ``(G, k)``: G in siemens, shape ``(2, n_r, n_c, rows, cols)``; k in siemens per unit weight.
+    """
+    w_range = weight_range(W, w_max)
+    G = _TiledPair.apply(W, w_range, float(g_min), float(g_max), int(rows), int(cols))
+    return G, (g_max - g_min) / w_range

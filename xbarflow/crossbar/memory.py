@@ -17,7 +17,9 @@ evaluation the C allocator keeps the blocks an earlier layer freed).
 
 The constants below round those up. With wire resistance the sweep of
 :mod:`.wire` keeps two ``n x n`` states per swept row of each tile for the backward pass
-(``n = min(rows, cols)``, ``m = max(rows, cols)`` rows swept), and a few per tile in
+(``n = min(rows, cols)``, ``m = max(rows, cols)`` rows swept), or, when those would exceed
+``wire.KEEP_ALL_BYTES``, a checkpoint every ``k = ceil(sqrt(m))`` rows and ``2 k`` states
+of the segment being recomputed (:func:`.wire.checkpoint_every`); a few per tile in
 evaluation.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 
 from .spec import CrossbarSpec
 from .tiling import grid_shape
+from .wire import checkpoint_every
 
 # float32 copies of the tile grid alive at the peak (see the module docstring)
 EVAL_COPIES = 5.0
@@ -75,5 +78,10 @@ def array_memory(fan_in: int, fan_out: int, spec: CrossbarSpec, itemsize: int = 
     if spec.r_wire > 0:
         n, m = min(spec.rows, spec.cols), max(spec.rows, spec.cols)
         eval_bytes += tiles * (5 * n * n + m * n) * itemsize
-        train_bytes += tiles * (2 * m * n * n) * itemsize
+        # one sweep per layer (all its tiles at once); past wire.KEEP_ALL_BYTES it keeps
+        # checkpoints and one segment's states instead of every state
+        state = tiles * n * n * itemsize
+        every = checkpoint_every(m, state)
+        kept = 2 * m if every == 1 else -(-m // every) + 2 * every
+        train_bytes += kept * state
     return ArrayMemory((n_r, n_c), (spec.rows, spec.cols), arrays, cells, eval_bytes, train_bytes)

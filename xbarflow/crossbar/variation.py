@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import devices as _dev
+from . import rng as _rng
 from .devices import DeviceModel
 from .rng import layer_generator  # noqa: F401  (re-exported: the chip's generators)
 
@@ -83,14 +84,21 @@ class Chip:
             shape: shape of the layer's physical arrays (tiles included).
 
         Returns:
-            Factors (dimensionless), shape ``shape``; drawn in float64 on the CPU so
-            that the same chip has the same devices on every machine.
+            Factors (dimensionless), shape ``shape``, on ``device``: drawn and computed in
+            float64 on the CPU so that the same chip has the same devices on every
+            machine, then kept on the device for the chip's next read
+            (:func:`~xbarflow.crossbar.rng.on_device`; do not modify in place).
         """
-        f = torch.full(tuple(shape), self.global_factor(), dtype=torch.float64)
-        if self.d2d > 0.0:
-            z = torch.randn(tuple(shape), generator=layer_generator(self.seed, name, "d2d"), dtype=torch.float64)
-            f = f * torch.exp(self.d2d * z)
-        return f.to(dtype=dtype, device=device)
+        shape = tuple(int(s) for s in shape)
+
+        def make():
+            f = torch.full(shape, self.global_factor(), dtype=torch.float64)
+            if self.d2d > 0.0:
+                f = f * torch.exp(self.d2d * _rng.draw("randn", shape, self.seed, name, "d2d"))
+            return f
+
+        return _rng.on_device(make, dtype=dtype, device=device,
+                              key=("factors", self.seed, self.c2c, self.d2d, name, shape))
 
     def apply(self, G: torch.Tensor, name: str) -> torch.Tensor:
         """Conductances of this chip: ``G`` times its factors (differentiable in G)."""

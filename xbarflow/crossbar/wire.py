@@ -289,12 +289,31 @@ class _Pool:
 # A 64x64-tile FCN step keeps ~0.5 GB of states; larger tiles simply bypass the pool.
 _POOL = _Pool(max_bytes=2 * 1024 ** 3)
 
+# A sweep whose states (E and X of every row step) would take more than this keeps only
+# every k-th E (k ~ sqrt(rows)) and recomputes the others segment by segment in the
+# backward: about 3 sqrt(m) states instead of 2 m, for the series products once more
+# (~30 % more flops in float32). Below it nothing is recomputed.
+KEEP_ALL_BYTES = 1024 ** 3
 
-def _sweep(G: torch.Tensor, r_source: float, r_sink: float, r_wire: float, keep: bool):
+
+def checkpoint_every(m: int, state_bytes: int) -> int:
+    """Row steps per checkpoint for a sweep over ``m`` rows whose states take ``state_bytes`` each.
+
+    1 (keep every state) when ``2 m`` states fit in :data:`KEEP_ALL_BYTES`, else
+    ``ceil(sqrt(m))``, which minimises ``m / k + 2 k`` states kept at once.
+    """
+    if 2 * m * state_bytes <= KEEP_ALL_BYTES:
+        return 1
+    return max(2, math.ceil(math.sqrt(m)))
+
+
+def _sweep(G: torch.Tensor, r_source: float, r_sink: float, r_wire: float, keep: bool, every: int = 1):
     """Forward sweep of ``(B, m, n)`` tiles; returns ``T`` and, if ``keep``, the states for the adjoint.
 
     J is held transposed, ``Jt`` of shape ``(B, m, n)``, so that the inputs carried so far,
-    ``Jt[:, :i]``, are a contiguous block of every tile's matrix.
+    ``Jt[:, :i]``, are a contiguous block of every tile's matrix. With ``keep`` and
+    ``every > 1`` only ``E_0, E_every, E_2every, ...`` are kept (checkpoints); the backward
+    recomputes the rest (:func:`_recompute_segment`).
     """
     B, m, n = G.shape
     dt, dev = G.dtype, G.device
@@ -302,23 +321,29 @@ def _sweep(G: torch.Tensor, r_source: float, r_sink: float, r_wire: float, keep:
     rows_ = _RowChains(G, r_source, r_wire)
     terms = _tile_series_terms(G, r_wire)
     # E_k of every row (and X_k of every step) is kept for the backward; without
-    # gradients two alternating slots suffice
-    slots = m if keep else 2
+    # gradients, or with checkpoints, two alternating slots suffice
+    keep_all = keep and every == 1
+    slots = m if keep_all else 2
     Es = _POOL.take((slots, B, n, n), dt, dev)
     Xs = _POOL.take((max(slots - 1, 1), B, n, n), dt, dev)
+    ckpt = _POOL.take((-(-m // every), B, n, n), dt, dev) if keep and not keep_all else None
     work = _POOL.take((3, B, n, n), dt, dev)
     flat = _POOL.take((B * m * n,), dt, dev)
 
     rows_.admittance(0, out=Es[0], tmp=work[0])
+    if ckpt is not None:
+        ckpt[0].copy_(Es[0])
     Jt = G.new_zeros(B, m, n)
     torch.sum(Es[0], -1, out=Jt[:, 0])
     for i in range(1, m):
-        E, E_new, X = Es[(i - 1) % slots], Es[i % slots], Xs[(i - 1) % (slots - 1)]
+        E, E_new, X = Es[(i - 1) % slots], Es[i % slots], Xs[(i - 1) % max(slots - 1, 1)]
         F = work[2]
         _column_step(E, r_wire, terms, eye, F_out=F, X_out=X, tmp1=work[0], tmp2=work[1])
         Y = rows_.admittance(i, out=E_new, tmp=work[0])
         torch.sum(Y, -1, out=Jt[:, i])  # y_i = Y_i 1
         Y += F  # E_i = X E_{i-1} + Y_i, symmetric (X is a polynomial in E)
+        if ckpt is not None and i % every == 0:
+            ckpt[i // every].copy_(Y)
         # J' = X J, i.e. Jt' = Jt X (X symmetric)
         Jt[:, :i] = torch.bmm(Jt[:, :i], X, out=flat[:B * i * n].view(B, i, n))
     E = Es[(m - 1) % slots]
@@ -331,7 +356,24 @@ def _sweep(G: torch.Tensor, r_source: float, r_sink: float, r_wire: float, keep:
     if not keep:
         _POOL.give(Es, Xs)
         return Out_t, None
-    return Out_t, (rows_, Es, Xs, Xk, Jt, Out_t)
+    if ckpt is not None:
+        _POOL.give(Es, Xs)
+        return Out_t, (rows_, ckpt, None, Xk, Jt, Out_t, every, terms)
+    return Out_t, (rows_, Es, Xs, Xk, Jt, Out_t, 1, terms)
+
+
+def _recompute_segment(rows_: "_RowChains", E_first: torch.Tensor, first: int, last: int, r_wire: float,
+                       terms: int, segE: torch.Tensor, segX: torch.Tensor, work: torch.Tensor) -> None:
+    """``E_j`` into ``segE[j - first]`` and ``X_j`` (the step after row j) into ``segX[j - first]``
+    for ``first <= j <= last``, from the checkpoint ``E_first``: the forward's operations, in
+    its order, so the states are bitwise those of the forward. ``work`` (3 buffers) is overwritten."""
+    eye = torch.eye(E_first.shape[-1], dtype=E_first.dtype, device=E_first.device)
+    segE[0].copy_(E_first)
+    for j in range(first, last + 1):
+        E, X, F = segE[j - first], segX[j - first], work[2]
+        _column_step(E, r_wire, terms, eye, F_out=F, X_out=X, tmp1=work[0], tmp2=work[1])
+        if j < last:
+            rows_.admittance(j + 1, out=segE[j + 1 - first], tmp=work[0]).add_(F)
 
 
 class _WireSweep(torch.autograd.Function):
@@ -340,7 +382,10 @@ class _WireSweep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, G, r_source, r_sink, r_wire):
         keep = ctx.needs_input_grad[0]
-        T, state = _sweep(G, r_source, r_sink, r_wire, keep)
+        B, m, n = G.shape
+        every = checkpoint_every(m, B * n * n * G.element_size()) if keep else 1
+        T, state = _sweep(G, r_source, r_sink, r_wire, keep, every)
+        ctx.every = every
         if keep:
             ctx.state = state
             ctx.args = (r_source, r_sink, r_wire)
@@ -352,11 +397,16 @@ class _WireSweep(torch.autograd.Function):
         (G,) = ctx.saved_tensors
         r_source, r_sink, r_wire = ctx.args
         if ctx.state is None:  # a second backward through the same graph (retain_graph)
-            ctx.state = _sweep(G, r_source, r_sink, r_wire, True)[1]
-        rows_, Es, Xs, Xk, Jt, Out_t = ctx.state
+            ctx.state = _sweep(G, r_source, r_sink, r_wire, True, ctx.every)[1]
+        rows_, Es, Xs, Xk, Jt, Out_t, every, terms = ctx.state
         B, m, n = Jt.shape
         dt, dev = Jt.dtype, Jt.device
         work = _POOL.take((5, B, n, n), dt, dev)
+        if every > 1:  # Es holds checkpoints; a segment's states are recomputed into these
+            ckpt = Es
+            segE = _POOL.take((every, B, n, n), dt, dev)
+            segX = _POOL.take((every, B, n, n), dt, dev)
+            seg = -1
         flat = _POOL.take((2, B * m * n), dt, dev)
         Jt = Jt.clone()
         Tbar = Tbar.contiguous()
@@ -373,7 +423,15 @@ class _WireSweep(torch.autograd.Function):
             # Y_i enters E_i directly and J through y_i = Y_i 1
             Ybar = torch.add(Ebar, Jbar_t[:, i, :, None], out=work[0])
             Gbar[:, i] = rows_.conductance_grad(i, Ybar, tmp1=work[1], tmp2=work[2])
-            X, E_prev = Xs[i - 1], Es[i - 1]
+            if every > 1:
+                if (i - 1) // every != seg:
+                    seg = (i - 1) // every
+                    first = seg * every
+                    _recompute_segment(rows_, ckpt[seg], first, min(first + every, m) - 1, r_wire, terms,
+                                       segE, segX, work)
+                X, E_prev = segX[i - 1 - first], segE[i - 1 - first]
+            else:
+                X, E_prev = Xs[i - 1], Es[i - 1]
             Ja_t = Jt[:, :i]  # (X J_prev)^T
             Z_t = torch.bmm(Jbar_t[:, :i], X, out=flat[0, :B * i * n].view(B, i, n))  # (X Jbar')^T
             XEbar = torch.bmm(X, Ebar, out=work[0])
@@ -386,5 +444,6 @@ class _WireSweep(torch.autograd.Function):
         Gbar[:, 0] = rows_.conductance_grad(0, Ybar, tmp1=work[1], tmp2=work[2])
         # the states go back to the pool for the next step's forward
         ctx.state = None
-        _POOL.give(Es, Xs, work, flat)
+        _POOL.give(Es, work, flat)
+        _POOL.give(*((segE, segX) if every > 1 else (Xs,)))
         return Gbar, None, None, None
