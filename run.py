@@ -39,11 +39,11 @@ def main(cfg: DictConfig) -> float:
             start_dir=hc.runtime.cwd,
             parent_run_id=tracking.parent_run_id(hc.sweep.dir) if multirun else None,
             job_num=hc.job.num if multirun else None,
-            overrides=" ".join(hc.overrides.task),
+            overrides=tracking.redact(" ".join(hc.overrides.task)),
         )
     except (ConfigError, DatasetUnavailable) as e:
         # bad input: one line, no MLflow run was created
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {tracking.redact(e)}", file=sys.stderr, flush=True)
         if not multirun:
             sys.exit(2)
         tracking.record_failure(hc.sweep.dir, hc.job.num, " ".join(hc.overrides.task), f"rejected: {e}")
@@ -52,7 +52,7 @@ def main(cfg: DictConfig) -> float:
         if not multirun:
             raise
         # the run is already marked FAILED in MLflow; let the other jobs of the sweep go on
-        print(f"error: job {hc.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(tracking.redact(f"error: job {hc.job.num} failed: {type(e).__name__}: {e}"), file=sys.stderr, flush=True)
         tracking.record_failure(hc.sweep.dir, hc.job.num, " ".join(hc.overrides.task), f"{type(e).__name__}: {e}")
         return float("nan")
     except SIGTERMException:

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+from urllib.parse import urlsplit
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from .config import ConfigError
 
 PARENT_FILE = "mlflow_parent.json"
 FAILURES_FILE = "failed_jobs.jsonl"
@@ -34,17 +39,163 @@ def tracking_uri(logger_cfg, start_dir: Optional[str] = None) -> str:
     return f"sqlite:///{os.path.abspath(os.path.join(start_dir or os.getcwd(), 'mlflow.db'))}"
 
 
+# ---------------------------------------------------------------- credentials never logged
+_SECRET_NAME = re.compile(r"password|passwd|token|secret|credential|api_?key", re.IGNORECASE)
+# scheme://user:password@host -> scheme://user:***@host
+_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@/\s]+@")
+# name=value where the name says it is secret: query strings (?token=...) and overrides (a.my_password=...)
+_SECRET_ASSIGNMENT = re.compile(r"(?P<name>[\w.\-+~]*(?:password|passwd|token|secret|credential|api_?key)[\w.\-]*)"
+                                r"(?P<sep>\s*[=:]\s*)(?P<value>[^\s&#,;'\"\]}]+)", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact(text: Any) -> str:
+    """``text`` with every credential it carries replaced by ``***``.
+
+    Passwords in URIs (``postgresql://user:***@db/mlflow``), secret query-string
+    parameters (``?token=***``) and ``name=value`` pairs whose name says it is secret
+    (``logger.api_token=***``). The one function every logged string goes through:
+    params, tags, ``config.yaml``, console lines, the sweep table, failure records.
+    """
+    text = _URI_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", str(text))
+    return _SECRET_ASSIGNMENT.sub(lambda m: f"{m['name']}{m['sep']}{REDACTED}", text)
+
+
+def is_secret_key(key: str) -> bool:
+    """A config key whose last component says it holds a secret (``*password*``, ``*token*``, ``*secret*``)."""
+    return bool(_SECRET_NAME.search(str(key).split(".")[-1]))
+
+
+def redact_config(node: Any) -> Any:
+    """A plain nested config (dicts, lists, scalars) with secret keys masked and every string redacted."""
+    if isinstance(node, dict):
+        return {k: (REDACTED if is_secret_key(k) and v is not None else redact_config(v)) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [redact_config(v) for v in node]
+    return redact(node) if isinstance(node, str) else node
+
+
+def config_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML, credentials redacted (the run's ``config.yaml`` artifact)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(redact_config(OmegaConf.to_container(cfg, resolve=True))))
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts every record (Hydra's launcher logs each job's overrides)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def redact_console_logs() -> None:
+    """Attach :class:`RedactingFilter` to every handler of the root logger (idempotent)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
+# ---------------------------------------------------------------- the store, checked before any run
+class TrackingStoreError(ConfigError):
+    """The tracking store cannot be used: unsupported scheme, not a database, unreachable or refused.
+
+    A :class:`ConfigError`, so ``run.py`` ends with its one line and exit status 2.
+    """
+
+
+def supported_schemes() -> List[str]:
+    """The URI schemes this MLflow installation has a tracking store for."""
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    return sorted(s for s in _tracking_store_registry._registry if s)
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause of a store error in a few words (``[Errno 111] Connection refused``)."""
+    text = str(exc)
+    errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    if errno:
+        return redact(errno.group(0).strip())
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    return redact(first if len(first) <= 240 else first[:237] + "...")
+
+
+def _probe_server(uri: str, shown: str) -> None:
+    """One request, no retries: does the server answer, and does it let these credentials in?"""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        resp = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+                            max_retries=0, timeout=15, params={"max_results": 1})
+    except Exception as e:
+        raise TrackingStoreError(f"tracking server {shown} is unreachable: {_reason(e)}") from None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if resp.status_code == 401:
+        if user:
+            raise TrackingStoreError(f"tracking server {shown} refused user '{user}' (HTTP 401): "
+                                     "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+        raise TrackingStoreError(f"tracking server {shown} requires a login (HTTP 401): set "
+                                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment")
+    if resp.status_code == 403:
+        raise TrackingStoreError(f"tracking server {shown} denied user '{user}' (HTTP 403): ask its admin for access")
+    if resp.status_code != 200:
+        raise TrackingStoreError(f"tracking server {shown} answered HTTP {resp.status_code}, not an MLflow server?")
+
+
+def check_store(uri: str) -> None:
+    """Refuse, with one line, a tracking URI no run can be logged to; touch nothing on success.
+
+    Raises:
+        TrackingStoreError: an unsupported scheme (the supported ones listed), a SQLite
+            path that is not a database, a server that cannot be reached or refuses the
+            credentials. The URI in the message is redacted.
+    """
+    from mlflow.utils.uri import get_uri_scheme
+
+    shown = redact(uri)
+    scheme = get_uri_scheme(uri)
+    if scheme not in supported_schemes() and scheme != "":
+        raise TrackingStoreError(f"logger.tracking_uri={shown}: unsupported scheme '{urlsplit(uri).scheme}' "
+                                 f"(supported: {', '.join(supported_schemes())})")
+    if scheme == "sqlite":
+        db = Path(uri[len("sqlite:///"):].split("?")[0]) if uri.startswith("sqlite:///") else None
+        if db is not None and db.is_dir():
+            raise TrackingStoreError(f"logger.tracking_uri={shown}: {db} is a directory, not an SQLite database")
+        if db is not None and db.is_file() and db.stat().st_size > 0:
+            with open(db, "rb") as f:
+                if f.read(16) != b"SQLite format 3\x00":
+                    raise TrackingStoreError(f"logger.tracking_uri={shown}: {db} is not an SQLite database")
+    elif scheme in ("http", "https"):
+        _probe_server(uri, shown)
+
+
 def client_for(uri: str):
-    """An MlflowClient whose store is ready to use.
+    """An MlflowClient whose store is ready to use (:func:`check_store` first).
 
     For a SQLite store the first touch runs MLflow's schema migrations; processes
     that start together on a new file would race on them ("table already exists"),
     so the first touch is serialised with a lock file next to the database.
+
+    Raises:
+        TrackingStoreError: the store cannot be used (one line, URI redacted).
     """
     from mlflow.tracking import MlflowClient
 
+    check_store(uri)
     if not uri.startswith("sqlite:///"):
-        return MlflowClient(tracking_uri=uri)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+        except Exception as e:
+            raise TrackingStoreError(f"tracking store {redact(uri)}: {_reason(e)}") from None
+        return client
     import fcntl
 
     db = Path(uri[len("sqlite:///"):].split("?")[0])
@@ -54,6 +205,8 @@ def client_for(uri: str):
         try:
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
+        except Exception as e:
+            raise TrackingStoreError(f"tracking store {redact(uri)}: {_reason(e)}") from None
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return client
@@ -94,7 +247,7 @@ def git_commit(cwd: str) -> Optional[str]:
 def log_params(client, run_id: str, params: Dict[str, str]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+    items = [Param(k, (REDACTED if is_secret_key(k) else redact(v))[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):  # MLflow's batch limit
         client.log_batch(run_id, params=items[i:i + 100])
 
@@ -118,7 +271,7 @@ def mark_terminated(client, run_id: str, exc: Optional[BaseException]) -> None:
     else:
         status = "FAILED"
     try:
-        client.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_tag(run_id, "error", redact(f"{type(exc).__name__}: {exc}")[:5000])
     finally:
         client.set_terminated(run_id, status)
 
@@ -133,7 +286,7 @@ def parent_run_id(sweep_dir: str) -> Optional[str]:
 
 def record_failure(sweep_dir: str, job_num: int, overrides: str, error: str) -> None:
     """Append a failed job to the sweep's failure list (one JSON line; appends are atomic)."""
-    line = json.dumps({"job": job_num, "overrides": overrides, "error": error[:500]}) + "\n"
+    line = json.dumps({"job": job_num, "overrides": redact(overrides), "error": redact(error)[:500]}) + "\n"
     with open(Path(sweep_dir) / FAILURES_FILE, "a") as f:
         f.write(line)
 
@@ -251,15 +404,20 @@ class MlflowSweepCallback(Callback):
     """Hydra callback: a parent MLflow run around every ``-m`` sweep, and its summary at the end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        redact_console_logs()  # before the launcher logs each job's overrides
+        uri = tracking_uri(config.logger, config.hydra.runtime.cwd)
+        try:
+            client = client_for(uri)  # before the sweep dir or any run exists
+        except TrackingStoreError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        uri = tracking_uri(config.logger, config.hydra.runtime.cwd)
-        client = client_for(uri)
         exp_id = experiment_id(client, config.logger.experiment_name)
-        overrides = " ".join(config.hydra.overrides.task)
+        overrides = redact(" ".join(config.hydra.overrides.task))
         run = client.create_run(exp_id, run_name=f"sweep {Path(sweep_dir).name}",
                                 tags={"sweep": "parent", "overrides": overrides, "sweep_dir": str(sweep_dir)})
-        (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri,
+        (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": redact(uri),
                                                          "experiment_id": exp_id}))
         self._client, self._run_id = client, run.info.run_id
 
