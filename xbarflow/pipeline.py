@@ -52,7 +52,6 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
     """
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
-    from pytorch_lightning.loggers import MLFlowLogger
 
     typed = validate(cfg)
     pl.seed_everything(typed.seed, workers=True, verbose=False)
@@ -99,7 +98,6 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
             resume_ckpt = str(ckpt_dir / "last.ckpt")
         print(f"resume: run {run_id or '(new)'} from {resume_ckpt or 'the start'}", flush=True)
     if run_id is None:
-        exp_id = tracking.experiment_id(client, typed.logger.experiment_name)
         tags = {
             "training": typed.training.mode, "hardware": typed.hardware.name, "nonideality": typed.nonideality.name,
             "dataset": typed.dataset.name, "model": typed.model.arch, "overrides": overrides,
@@ -113,20 +111,22 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
         if job_num is not None:
             tags["job_num"] = str(job_num)
         run_name = typed.run_name or (overrides or f"{typed.training.mode}-{typed.hardware.name}")
-        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-        out.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+        # kept on disk as well, so a tracking server that goes away mid-run loses nothing
+        record = tracking.RunRecord.start(client, uri, out / tracking.OFFLINE_DIR, typed.logger.experiment_name,
+                                          run_name, tags)
+        run_id = record.run_id
+        run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking.redact(uri)}))
         fresh = True
     else:
-        client.update_run(run_id, "RUNNING")
+        record = tracking.RunRecord.resume(client, run_id, uri, out / tracking.OFFLINE_DIR)
         fresh = False
     exc: Optional[BaseException] = None
     try:
         if fresh:
             resolved = OmegaConf.to_container(cfg, resolve=True)
-            tracking.log_params(client, run_id, tracking.flatten(resolved))
-            client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        logger = MLFlowLogger(experiment_name=typed.logger.experiment_name, tracking_uri=uri, run_id=run_id)
+            record.log_params(tracking.flatten(resolved))
+            record.log_text(tracking.config_yaml(cfg), "config.yaml")
+        logger = tracking.record_logger(record)
         tc = typed.trainer
         trainer = pl.Trainer(
             accelerator=tc.accelerator, devices=tc.devices, strategy=tc.strategy, num_nodes=tc.num_nodes,
@@ -149,11 +149,11 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
             xmodel, test_loader, num_classes=data.num_classes, n_chips=typed.eval.n_chips,
             chip_seed=typed.eval.chip_seed, make_chip=chip, device=module.device, times=typed.eval.times,
         )
-        tracking.log_metrics(client, run_id, metrics)
+        record.log_metrics(metrics)
         for i, acc in enumerate(per_chip):
-            tracking.log_metrics(client, run_id, {"test/acc_xbar_chip": acc}, step=i)
+            record.log_metrics({"test/acc_xbar_chip": acc}, step=i)
         fig = _chip_figure(per_chip, metrics)
-        client.log_figure(run_id, fig, "chip_accuracy.png")
+        record.log_figure(fig, "chip_accuracy.png")
         import matplotlib.pyplot as plt
 
         plt.close(fig)
@@ -161,14 +161,14 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
             path = Path(output_dir) / "weights.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(model_state(xmodel), path)
-            client.log_artifact(run_id, str(path))
+            record.log_artifact(str(path))
         print(" ".join(f"{k}={v:.2f}" for k, v in metrics.items()), flush=True)
         return metrics
     except BaseException as e:
         exc = e
         raise
     finally:
-        tracking.mark_terminated(client, run_id, exc)
+        record.terminate(exc)
 
 
 def model_state(model) -> Dict[str, torch.Tensor]:
