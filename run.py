@@ -4,6 +4,7 @@ Composes ``conf/`` with Hydra, validates every value, then trains and evaluates 
 configuration per job and logs it to MLflow (see README.md).
 """
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -24,6 +25,8 @@ def main(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    if hc.output_subdir:  # Hydra's copy of the config and overrides: no credentials on disk either
+        tracking.redact_files(Path(hc.runtime.output_dir) / hc.output_subdir)
     n_jobs = hc.launcher.get("n_jobs", 1) if multirun else 1
     if isinstance(n_jobs, int) and n_jobs > 1:
         # parallel local jobs share the cores: one job's intra-op threads should not oversubscribe them
@@ -63,8 +66,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    from pathlib import Path
-
     from xbarflow.cli import check_overrides
     from xbarflow.runtime import tune_allocator
 

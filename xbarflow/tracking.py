@@ -7,6 +7,7 @@ submitit) attach to it as well.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -44,8 +45,9 @@ _SECRET_NAME = re.compile(r"password|passwd|token|secret|credential|api_?key", r
 # scheme://user:password@host -> scheme://user:***@host
 _URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@/\s]+@")
 # name=value where the name says it is secret: query strings (?token=...) and overrides (a.my_password=...)
+# (also inside a printed dict or YAML: 'api_token': 'abc', api_token: abc)
 _SECRET_ASSIGNMENT = re.compile(r"(?P<name>[\w.\-+~]*(?:password|passwd|token|secret|credential|api_?key)[\w.\-]*)"
-                                r"(?P<sep>\s*[=:]\s*)(?P<value>[^\s&#,;'\"\]}]+)", re.IGNORECASE)
+                                r"(?P<sep>['\"]?\s*[=:]\s*['\"]?)(?P<value>[^\s&#,;'\"\]}]+)", re.IGNORECASE)
 REDACTED = "***"
 
 
@@ -80,6 +82,30 @@ def config_yaml(cfg: DictConfig) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_yaml(OmegaConf.create(redact_config(OmegaConf.to_container(cfg, resolve=True))))
+
+
+def redact_files(folder: Path, pattern: str = "*.yaml") -> None:
+    """Rewrite files (Hydra's ``.hydra/*.yaml``, ``multirun.yaml``) with their credentials redacted."""
+    for path in Path(folder).glob(pattern):
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            continue
+        clean = redact(text)
+        if clean != text:
+            path.write_text(clean)
+
+
+@contextlib.contextmanager
+def redacted_stdout():
+    """Redact what MLflow prints meanwhile (its "View run at: URL" line carries the URI as given)."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        sys.stdout.write(redact(buffer.getvalue()))
+        sys.stdout.flush()
 
 
 class RedactingFilter(logging.Filter):
@@ -448,7 +474,9 @@ class MlflowSweepCallback(Callback):
         failed = sum(r["status"] in ("FAILED", "REJECTED") for r in rows)
         client.set_tag(self._run_id, "n_jobs", str(len(rows)))
         client.set_tag(self._run_id, "n_failed", str(failed))
-        client.set_terminated(self._run_id, "FINISHED" if not failed else "FAILED")
+        with redacted_stdout():
+            client.set_terminated(self._run_id, "FINISHED" if not failed else "FAILED")
+        redact_files(Path(config.hydra.sweep.dir), "multirun.yaml")
         if failed:
             print(f"error: {failed} of {len(rows)} jobs failed (see the table above)", file=sys.stderr, flush=True)
             sys.exit(1)
@@ -564,7 +592,8 @@ class RunRecord:
         if exc is not None:
             self.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
         self._update_run(status=status, uploaded=not self.offline)
-        self._send(lambda: self.client.set_terminated(self.run_id, status))
+        with redacted_stdout():
+            self._send(lambda: self.client.set_terminated(self.run_id, status))
         if self.offline:
             print(f"tracking store {redact(self.uri)} was lost: metrics, params and artifacts are kept in {self.dir} "
                   f"(checkpoints beside it); upload them with: python scripts/upload_run.py {self.dir.parent} "
@@ -638,7 +667,8 @@ def upload_record(run_dir: Path, uri: str) -> str:
         if Path(path).exists():
             client.log_artifact(run_id, path)
     status = info.get("status", "FINISHED")
-    client.set_terminated(run_id, "KILLED" if status == "RUNNING" else status)
+    with redacted_stdout():
+        client.set_terminated(run_id, "KILLED" if status == "RUNNING" else status)
     info["uploaded"] = True
     (local / "run.json").write_text(json.dumps(info, indent=1))
     return run_id
