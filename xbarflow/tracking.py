@@ -42,8 +42,9 @@ def tracking_uri(logger_cfg, start_dir: Optional[str] = None) -> str:
 
 # ---------------------------------------------------------------- credentials never logged
 _SECRET_NAME = re.compile(r"password|passwd|token|secret|credential|api_?key", re.IGNORECASE)
-# scheme://user:password@host -> scheme://user:***@host
-_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@/\s]+@")
+# scheme://user:password@host -> scheme://user:***@host (also as Hydra escapes it in a sweep's
+# overrides: scheme\://user\:password@host)
+_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*\\?://[^:/@\s\\]*)(?P<colon>\\?:)[^@/\s]+@")
 # name=value where the name says it is secret: query strings (?token=...) and overrides (a.my_password=...)
 # (also inside a printed dict or YAML: 'api_token': 'abc', api_token: abc)
 _SECRET_ASSIGNMENT = re.compile(r"(?P<name>[\w.\-+~]*(?:password|passwd|token|secret|credential|api_?key)[\w.\-]*)"
@@ -59,7 +60,7 @@ def redact(text: Any) -> str:
     (``logger.api_token=***``). The one function every logged string goes through:
     params, tags, ``config.yaml``, console lines, the sweep table, failure records.
     """
-    text = _URI_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", str(text))
+    text = _URI_PASSWORD.sub(lambda m: f"{m['head']}{m['colon']}{REDACTED}@", str(text))
     return _SECRET_ASSIGNMENT.sub(lambda m: f"{m['name']}{m['sep']}{REDACTED}", text)
 
 
@@ -108,22 +109,29 @@ def redacted_stdout():
         sys.stdout.flush()
 
 
-class RedactingFilter(logging.Filter):
-    """A logging filter that redacts every record (Hydra's launcher logs each job's overrides)."""
+def redact_console_logs() -> None:
+    """Redact every log record from now on, in this process (idempotent).
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+    Hydra's launchers log each job's overrides, and reconfigure the logging handlers
+    as they start, so the redaction sits in the record factory, which they keep.
+    """
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "redacts", False):
+        return
+
+    def redacted_record(*args, **kwargs):
+        record = make_record(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: leave it to the handler to report
+            return record
         clean = redact(message)
         if clean != message:
             record.msg, record.args = clean, None
-        return True
+        return record
 
-
-def redact_console_logs() -> None:
-    """Attach :class:`RedactingFilter` to every handler of the root logger (idempotent)."""
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
+    redacted_record.redacts = True
+    logging.setLogRecordFactory(redacted_record)
 
 
 # ---------------------------------------------------------------- the store, checked before any run
