@@ -461,7 +461,14 @@ class MlflowSweepCallback(Callback):
         client = getattr(self, "_client", None)
         if client is None:
             return
-        rows = sweep_table(client, self._run_id, str(config.hydra.sweep.dir))
+        try:
+            rows = sweep_table(client, self._run_id, str(config.hydra.sweep.dir))
+        except Exception as e:  # the store went away during the sweep: the jobs kept their results
+            redact_files(Path(config.hydra.sweep.dir), "multirun.yaml")
+            print(f"error: tracking store {redact(tracking_uri(config.logger, config.hydra.runtime.cwd))} lost at "
+                  f"the end of the sweep ({_reason(e)}); each job's results are in its tracking/ folder: "
+                  f"python scripts/upload_run.py {config.hydra.sweep.dir}/*/", file=sys.stderr, flush=True)
+            sys.exit(1)
         table = format_table(rows)
         print("\nSweep summary (accuracy in %):\n" + table, flush=True)
         client.log_text(self._run_id, table + "\n", "sweep_summary.md")
