@@ -48,7 +48,7 @@ _URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*\\?://[^:/@\s\\]*)
 # name=value where the name says it is secret: query strings (?token=...) and overrides (a.my_password=...)
 # (also inside a printed dict or YAML: 'api_token': 'abc', api_token: abc)
 _SECRET_ASSIGNMENT = re.compile(r"(?P<name>[\w.\-+~]*(?:password|passwd|token|secret|credential|api_?key)[\w.\-]*)"
-                                r"(?P<sep>['\"]?\s*[=:]\s*['\"]?)(?P<value>[^\s&#,;'\"\]}]+)", re.IGNORECASE)
+                                r"(?P<sep>['\"]?[ \t]*[=:][ \t]*['\"]?)(?P<value>[^\s&#,;'\"\]}]+)", re.IGNORECASE)
 REDACTED = "***"
 
 
