@@ -4,6 +4,7 @@ Composes ``conf/`` with Hydra, validates every value, then trains and evaluates 
 configuration per job and logs it to MLflow (see README.md).
 """
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -24,6 +25,8 @@ def main(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    if hc.output_subdir:  # Hydra's copy of the config and overrides: no credentials on disk either
+        tracking.redact_files(Path(hc.runtime.output_dir) / hc.output_subdir)
     n_jobs = hc.launcher.get("n_jobs", 1) if multirun else 1
     if isinstance(n_jobs, int) and n_jobs > 1:
         # parallel local jobs share the cores: one job's intra-op threads should not oversubscribe them
@@ -39,11 +42,11 @@ def main(cfg: DictConfig) -> float:
             start_dir=hc.runtime.cwd,
             parent_run_id=tracking.parent_run_id(hc.sweep.dir) if multirun else None,
             job_num=hc.job.num if multirun else None,
-            overrides=" ".join(hc.overrides.task),
+            overrides=tracking.redact(" ".join(hc.overrides.task)),
         )
     except (ConfigError, DatasetUnavailable) as e:
         # bad input: one line, no MLflow run was created
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {tracking.redact(e)}", file=sys.stderr, flush=True)
         if not multirun:
             sys.exit(2)
         tracking.record_failure(hc.sweep.dir, hc.job.num, " ".join(hc.overrides.task), f"rejected: {e}")
@@ -52,7 +55,7 @@ def main(cfg: DictConfig) -> float:
         if not multirun:
             raise
         # the run is already marked FAILED in MLflow; let the other jobs of the sweep go on
-        print(f"error: job {hc.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(tracking.redact(f"error: job {hc.job.num} failed: {type(e).__name__}: {e}"), file=sys.stderr, flush=True)
         tracking.record_failure(hc.sweep.dir, hc.job.num, " ".join(hc.overrides.task), f"{type(e).__name__}: {e}")
         return float("nan")
     except SIGTERMException:
@@ -63,8 +66,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    from pathlib import Path
-
     from xbarflow.cli import check_composition, check_overrides
     from xbarflow.runtime import tune_allocator
 

@@ -7,6 +7,7 @@ FAILED (or KILLED on interrupt), never RUNNING (:func:`xbarflow.tracking.open_ru
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -150,10 +151,9 @@ def build_trainer(typed: Config, cfg: DictConfig, run: "tracking.TrackedRun"):
     import hydra.utils
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
-    from pytorch_lightning.loggers import MLFlowLogger
 
     tc = typed.trainer
-    logger = MLFlowLogger(experiment_name=typed.logger.experiment_name, tracking_uri=run.uri, run_id=run.run_id)
+    logger = tracking.record_logger(run.record)  # training metrics survive a lost tracking server
     callbacks = [
         # save_top_k=1 without a monitor keeps the newest epoch; Lightning writes last.ckpt only
         # alongside a top-k save
@@ -179,8 +179,6 @@ def train(typed: Config, cfg: DictConfig, model: torch.nn.Module, data: DataSpli
                                 lambda seed: make_chip(typed, seed, train=True), seed=typed.seed)
     train_loader, val_loader, _ = data_loaders(typed, data)
     build_trainer(typed, cfg, run).fit(module, train_loader, val_loader, ckpt_path=run.resume_ckpt)
-    # Lightning's MLflow logger marks the run FINISHED when fit ends; evaluation is still to come
-    run.client.update_run(run.run_id, "RUNNING")
     return module
 
 
@@ -215,20 +213,21 @@ def evaluate_on_test(typed: Config, model: torch.nn.Module, data: DataSplits,
 def log_results(run: "tracking.TrackedRun", typed: Config, model: torch.nn.Module,
                 metrics: Dict[str, float], per_chip: List[float]) -> None:
     """Metrics, the per-chip figure and the trained weights into the run; a summary line on stdout."""
-    tracking.log_metrics(run.client, run.run_id, metrics)
+    record = run.record
+    record.log_metrics(metrics)
     for i, acc in enumerate(per_chip):
-        tracking.log_metrics(run.client, run.run_id, {"test/acc_xbar_chip": acc}, step=i)
-    tracking.log_figure(run.client, run.run_id, _chip_figure(per_chip, metrics), "chip_accuracy.png")
+        record.log_metrics({"test/acc_xbar_chip": acc}, step=i)
+    tracking.log_figure(record, _chip_figure(per_chip, metrics), "chip_accuracy.png")
     ranges = converter_ranges(model)
     if ranges:
-        run.client.log_dict(run.run_id, ranges, "converter_ranges.json")
-        tracking.log_metrics(run.client, run.run_id, _range_metrics(ranges))
+        record.log_text(json.dumps(ranges, indent=1), "converter_ranges.json")
+        record.log_metrics(_range_metrics(ranges))
         if any("adc_range" in r for r in ranges.values()):
-            tracking.log_figure(run.client, run.run_id, _adc_range_figure(ranges), "adc_ranges.png")
+            tracking.log_figure(record, _adc_range_figure(ranges), "adc_ranges.png")
     if typed.logger.log_weights:
         path = run.output_dir / "weights.pt"
         torch.save(model_state(model), path)
-        run.client.log_artifact(run.run_id, str(path))
+        record.log_artifact(str(path))
     print(" ".join(f"{k}={v:.2f}" for k, v in metrics.items()), flush=True)
 
 
