@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -29,12 +29,6 @@ def rf(default=MISSING, **check):
     return field(default=default, metadata=_rng(**check))
 
 
-@dataclass
-class ModelConfig:
-    arch: str = rf("fcn", choices=("fcn", "cnn"))
-    hidden: List[int] = rf([500], ge=1)          # FCN hidden layer widths
-    channels: List[int] = rf([32, 64], ge=1)     # CNN conv channels (3x3, each followed by 2x2 max-pool)
-    classifier_hidden: int = rf(512, ge=1)       # CNN: width of the hidden fully connected layer
 
 
 @dataclass
@@ -47,6 +41,7 @@ class DatasetConfig:
     split_seed: int = 0
     num_workers: int = rf(0, ge=0)
     subset: Optional[int] = rf(None, ge=1)       # keep only the first N training images (quick runs)
+    test_subset: Optional[int] = rf(None, ge=1)  # keep only the first N test images (quick runs)
     files: Optional[str] = None                  # mnist / fashion_mnist: a folder of IDX files (*-idx?-ubyte[.gz])
 
 
@@ -152,7 +147,10 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # The network: a `_target_` (a class or function) and its keyword arguments, free-form because a
+    # user's own network has arbitrary ones; checked against the target's signature by
+    # xbarflow.builders.check_model_config. The pipeline adds `in_shape` and `num_classes`.
+    model: Dict[str, Any] = field(default_factory=dict)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     xbar: XbarConfig = field(default_factory=XbarConfig)
@@ -167,7 +165,7 @@ class Config:
 
 
 GROUP_SCHEMAS = {
-    "model": ModelConfig, "dataset": DatasetConfig, "hardware": HardwareConfig, "xbar": XbarConfig,
+    "dataset": DatasetConfig, "hardware": HardwareConfig, "xbar": XbarConfig,
     "nonideality": NonidealityConfig, "training": TrainingConfig, "trainer": TrainerConfig,
     "logger": LoggerConfig, "eval": EvalConfig,
 }
@@ -176,7 +174,10 @@ GROUP_SCHEMAS = {
 def register_configs() -> None:
     """Register the top-level schema (``config_schema``) that ``conf/config.yaml`` extends."""
     cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
+    node = OmegaConf.structured(Config)
+    # the model node stays open in Hydra's struct mode: `model.depth=3` may add a user model's argument
+    OmegaConf.set_struct(node.model, False)
+    cs.store(name="config_schema", node=node)
 
 
 def _check_value(key: str, value, meta) -> None:
@@ -225,6 +226,9 @@ def validate(cfg: DictConfig) -> Config:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
     _check_node("", obj)
+    from .builders import check_model_config
+
+    check_model_config(obj.model)
     t = obj.training
     if t.mode == "tech_aware" and t.pretrain_epochs >= t.epochs:
         raise ConfigError(f"training.pretrain_epochs must be < training.epochs (got {t.pretrain_epochs} >= {t.epochs})")

@@ -146,6 +146,8 @@ def build_datasets(cfg) -> DataSplits:
         (x_val, y_val), (x_train, y_train) = _split(x, y, [cfg.val_fraction, 1.0], cfg.split_seed)
     if cfg.subset is not None:
         x_train, y_train = x_train[: cfg.subset], y_train[: cfg.subset]
+    if cfg.test_subset is not None:
+        x_test, y_test = x_test[: cfg.test_subset], y_test[: cfg.test_subset]
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     return DataSplits(TensorDataset(x_train, y_train), TensorDataset(x_val, y_val), TensorDataset(x_test, y_test),
                       tuple(x_train.shape[1:]), num_classes)

@@ -16,7 +16,7 @@ from .data import EpochShuffleSampler, build_datasets
 from .evaluation import evaluate
 from .hardware import crossbar_spec, make_chip
 from .lit import CrossbarClassifier
-from .models import build_model
+from .builders import build_model
 from .nn.convert import convert
 
 
@@ -102,7 +102,7 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
         exp_id = tracking.experiment_id(client, typed.logger.experiment_name)
         tags = {
             "training": typed.training.mode, "hardware": typed.hardware.name, "nonideality": typed.nonideality.name,
-            "dataset": typed.dataset.name, "model": typed.model.arch, "overrides": overrides,
+            "dataset": typed.dataset.name, "model": str(typed.model["_target_"]).rsplit(".", 1)[-1], "overrides": overrides,
             "output_dir": str(output_dir),
         }
         commit = tracking.git_commit(start_dir or os.getcwd())
