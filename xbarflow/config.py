@@ -63,6 +63,13 @@ class HardwareConfig:
 
 
 @dataclass
+class XbarLayersConfig:
+    include: List[str] = field(default_factory=lambda: ["*"])   # glob patterns on module names (fnmatch)
+    exclude: List[str] = field(default_factory=list)            # e.g. ["fc", "*shortcut*"]
+    first_last_digital: bool = False             # keep the first and last convertible layer digital
+
+
+@dataclass
 class XbarConfig:
     size: int = rf(64, ge=1)                     # side of a square tile
     rows: Optional[int] = rf(None, ge=1)         # overrides size for the word lines
@@ -78,6 +85,8 @@ class XbarConfig:
     dac_range: Optional[float] = rf(None, gt=0.0)   # DAC full scale (input units); null = max |x| per sample
     adc_bits: int = rf(8, ge=1, le=32)           # column ADC resolution (one ADC per differential pair)
     adc_range: float = rf(0.25, gt=0.0)          # ADC full scale / (rows * (g_max - g_min) * v_read)
+    # which Linear / Conv2d layers go on crossbars (the rest, and grouped convs, stay digital)
+    layers: XbarLayersConfig = field(default_factory=XbarLayersConfig)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from . import tracking
 from .config import ConfigError, validate
 from .data import EpochShuffleSampler, build_datasets
 from .evaluation import evaluate
-from .hardware import crossbar_spec, make_chip
+from .hardware import crossbar_spec, layer_selection, make_chip
 from .lit import CrossbarClassifier
 from .builders import build_model
 from .nn.convert import convert
@@ -59,7 +59,7 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
     data = build_datasets(typed.dataset)
     spec = crossbar_spec(typed)
     model = build_model(typed.model, data.in_shape, data.num_classes)
-    xmodel = convert(model, spec)
+    xmodel = convert(model, spec, layers=layer_selection(typed))
     if typed.training.init_from:
         # weights.pt of an earlier run (or a plain model's state_dict: gains then start at 1)
         missing, unexpected = xmodel.load_state_dict(torch.load(typed.training.init_from, map_location="cpu"),
@@ -126,6 +126,7 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
             resolved = OmegaConf.to_container(cfg, resolve=True)
             tracking.log_params(client, run_id, tracking.flatten(resolved))
             client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            tracking.log_layer_table(client, run_id, xmodel)
         logger = MLFlowLogger(experiment_name=typed.logger.experiment_name, tracking_uri=uri, run_id=run_id)
         tc = typed.trainer
         trainer = pl.Trainer(

@@ -292,3 +292,18 @@ class MlflowSweepCallback(Callback):
         if failed:
             print(f"error: {failed} of {len(rows)} jobs failed (see the table above)", file=sys.stderr, flush=True)
             sys.exit(1)
+
+
+def log_layer_table(client, run_id: str, model) -> int:
+    """Print the layer table of a converted model, log it as ``layers.md`` and ``layers.json``
+    and the number of crossbar arrays as the param ``n_crossbar_arrays``; returns that number."""
+    from .nn.table import format_layer_table, layer_table
+
+    rows = layer_table(model)
+    text = format_layer_table(rows)
+    print(text, flush=True)
+    client.log_text(run_id, text + "\n", "layers.md")
+    client.log_dict(run_id, [r.as_dict() for r in rows], "layers.json")
+    n_arrays = sum(r.arrays for r in rows)
+    client.log_param(run_id, "n_crossbar_arrays", n_arrays)
+    return n_arrays
