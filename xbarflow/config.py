@@ -33,16 +33,25 @@ def rf(default=MISSING, **check):
 
 @dataclass
 class DatasetConfig:
-    name: str = rf("mnist5k", choices=("mnist5k", "mnist", "fashion_mnist", "cifar10", "digits"))
+    # the builder, a function (dataset config -> xbarflow.data.DataSplits); see conf/dataset/
+    _target_: str = "xbarflow.data.datasets.tensor_splits"
+    name: str = "mnist5k"                        # which dataset the builder reads (mnist5k, cifar10, ...)
     root: str = "data"                           # where torchvision datasets are stored/downloaded
     download: bool = True
     val_fraction: float = rf(0.1, ge=0.0, lt=1.0)
     test_fraction: float = rf(0.2, gt=0.0, lt=1.0)   # only for datasets without a test split
     split_seed: int = 0
-    num_workers: int = rf(0, ge=0)
+    num_workers: int = rf(0, ge=0)               # DataLoader worker processes
     subset: Optional[int] = rf(None, ge=1)       # keep only the first N training images (quick runs)
-    test_subset: Optional[int] = rf(None, ge=1)  # keep only the first N test images (quick runs)
     files: Optional[str] = None                  # mnist / fashion_mnist: a folder of IDX files (*-idx?-ubyte[.gz])
+    path: Optional[str] = None                   # image_folder: the folder (class sub-folders, or train/ + test/)
+    image_size: Optional[int] = rf(None, ge=1)   # bring images to image_size x image_size; null = as they are
+    resize_mode: str = rf("pad", choices=("pad", "resize"))   # centred zero padding, or bilinear resizing
+    crop_padding: int = rf(0, ge=0)              # train augmentation: random crop after this zero padding
+    hflip: bool = False                          # train augmentation: random horizontal flip
+    normalize_mean: Optional[List[float]] = None   # per channel; null = images stay in [0, 1]
+    normalize_std: Optional[List[float]] = rf(None, gt=0.0)
+    test_subset: Optional[int] = rf(None, ge=1)  # keep only the first N test images (quick runs)
 
 
 @dataclass
@@ -241,6 +250,11 @@ def validate(cfg: DictConfig) -> Config:
     t = obj.training
     if t.mode == "tech_aware" and t.pretrain_epochs >= t.epochs:
         raise ConfigError(f"training.pretrain_epochs must be < training.epochs (got {t.pretrain_epochs} >= {t.epochs})")
+    ds = obj.dataset
+    if (ds.normalize_mean is None) != (ds.normalize_std is None) or (
+            ds.normalize_mean is not None and len(ds.normalize_mean) != len(ds.normalize_std)):
+        raise ConfigError(f"dataset.normalize_std must have one value per dataset.normalize_mean value "
+                          f"(got {ds.normalize_mean} and {ds.normalize_std})")
     hw = obj.hardware
     if not hw.r_off > hw.r_on:
         raise ConfigError(f"hardware.r_off must be > hardware.r_on (got r_on={hw.r_on}, r_off={hw.r_off})")
