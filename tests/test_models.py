@@ -216,3 +216,31 @@ def test_user_class_from_a_file_outside_the_repo(tmp_path, monkeypatch):
     typed = validate(compose(["model=user", "model._target_=mynets.TinyNet", "model.hidden=7"]))
     model = build_model(typed.model, (1, 8, 8), 10)
     assert model.net[1].weight.shape == (7, 64) and model.net[3].out_features == 10
+
+
+def _model_option_keys():
+    import yaml
+
+    from conftest import CONF
+
+    return sorted({(p.stem, k) for p in (CONF / "model").glob("*.yaml") for k in yaml.safe_load(p.read_text())})
+
+
+@pytest.mark.parametrize("option,key", _model_option_keys())
+def test_command_line_check_accepts_every_model_key(option, key):
+    """run.py's pre-check (xbarflow/cli.py) must let model keys through: the model node is free-form."""
+    from conftest import CONF
+    from xbarflow.cli import check_overrides
+
+    assert check_overrides([f"model={option}", f"model.{key}=1"], CONF) is None
+
+
+def test_command_line_check_model_overrides():
+    from conftest import CONF
+    from xbarflow.cli import check_overrides
+
+    assert check_overrides(["model._target_=mypkg.nets.MyNet", "model.depth=3"], CONF) is None
+    assert check_overrides(["model=torchvision", "model.name=resnet18"], CONF) is None
+    assert check_overrides(["xbar.layers.exclude=[fc]", "xbar.layers.first_last_digital=true"], CONF) is None
+    assert "no such option in config group 'model'" in check_overrides(["model=resnet21"], CONF)
+    assert "no such key (keys of xbar.layers" in check_overrides(["xbar.layers.exlude=[fc]"], CONF)
