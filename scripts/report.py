@@ -131,10 +131,16 @@ def summarise(rows: List[Dict[str, Any]], axis: str) -> Dict[str, Any]:
     main = out["by_dataset"].get("mnist5k") or next(iter(out["by_dataset"].values()), {})
     out.update(main)
     out["jobs"] = [
-        {"dataset": r["dataset"], "x": r["x_label"], "mode": r["mode"], **{m.replace("test/", ""): r[m] for m in SECTION8}}
+        {"dataset": r["dataset"], "x": r["x_label"], "mode": r["mode"],
+         "crossbar_arrays": _int_or_none(r["params"].get("n_crossbar_arrays")),
+         **{m.replace("test/", ""): r[m] for m in SECTION8}}
         for r in table
     ]
     return out
+
+
+def _int_or_none(v):
+    return int(v) if v not in (None, "", "None") else None
 
 
 def figure(rows: List[Dict[str, Any]], axis: str, title: str):
@@ -176,11 +182,14 @@ def figure(rows: List[Dict[str, Any]], axis: str, title: str):
 
 def markdown(summary: Dict[str, Any], name: str) -> str:
     lines = [f"# {name}", "", f"Swept: {AXES[summary['axis']][0]}; accuracies in %, crossbar = mean over chips (min).", ""]
-    lines.append("| dataset | config | training | software | nominal xbar | xbar mean ± std | xbar min |")
-    lines.append("|---|---|---|---|---|---|---|")
+    arrays = any(j.get("crossbar_arrays") is not None for j in summary["jobs"])
+    lines.append("| dataset | config | training | software | nominal xbar | xbar mean ± std | xbar min |"
+                 + (" arrays |" if arrays else ""))
+    lines.append("|---|---|---|---|---|---|---|" + ("---|" if arrays else ""))
     for j in summary["jobs"]:
         lines.append(f"| {j['dataset']} | {j['x']} | {j['mode']} | {j['acc_software']:.2f} | {j['acc_xbar_nominal']:.2f} | "
-                     f"{j['acc_xbar_mean']:.2f} ± {j['acc_xbar_std']:.2f} | {j['acc_xbar_min']:.2f} |")
+                     f"{j['acc_xbar_mean']:.2f} ± {j['acc_xbar_std']:.2f} | {j['acc_xbar_min']:.2f} |"
+                     + (f" {j.get('crossbar_arrays')} |" if arrays else ""))
     lines += ["", f"Largest configuration ({summary['largest']}):", ""]
     lines.append("| dataset | ideal (software, standard) | standard on crossbar | tech-aware on crossbar | degradation (pts) | gap (pts) |")
     lines.append("|---|---|---|---|---|---|")

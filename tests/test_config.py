@@ -42,7 +42,6 @@ def test_nonideality_none_switches_off_the_circuit():
         ("hardware.r_on=300e3", "hardware.r_off must be > hardware.r_on"),
         ("eval.n_chips=0", "eval.n_chips must be >= 1 (got 0)"),
         ("training.lr=0", "training.lr must be > 0.0 (got 0.0)"),
-        ("model.hidden=[500,0]", "model.hidden[1] must be >= 1 (got 0)"),
         # device technologies: probabilities in [0, 1], sigmas >= 0
         ("hardware.r_on=200e3", "hardware.r_off must be > hardware.r_on"),
         ("hardware.stuck_on=1.5", "hardware.stuck_on must be <= 1.0 (got 1.5)"),

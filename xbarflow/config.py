@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -29,25 +29,29 @@ def rf(default=MISSING, **check):
     return field(default=default, metadata=_rng(**check))
 
 
-@dataclass
-class ModelConfig:
-    arch: str = rf("fcn", choices=("fcn", "cnn"))
-    hidden: List[int] = rf([500], ge=1)          # FCN hidden layer widths
-    channels: List[int] = rf([32, 64], ge=1)     # CNN conv channels (3x3, each followed by 2x2 max-pool)
-    classifier_hidden: int = rf(512, ge=1)       # CNN: width of the hidden fully connected layer
 
 
 @dataclass
 class DatasetConfig:
-    name: str = rf("mnist5k", choices=("mnist5k", "mnist", "fashion_mnist", "cifar10", "digits"))
+    # the builder, a function (dataset config -> xbarflow.data.DataSplits); see conf/dataset/
+    _target_: str = "xbarflow.data.datasets.tensor_splits"
+    name: str = "mnist5k"                        # which dataset the builder reads (mnist5k, cifar10, ...)
     root: str = "data"                           # where torchvision datasets are stored/downloaded
     download: bool = True
     val_fraction: float = rf(0.1, ge=0.0, lt=1.0)
     test_fraction: float = rf(0.2, gt=0.0, lt=1.0)   # only for datasets without a test split
     split_seed: int = 0
-    num_workers: int = rf(0, ge=0)
+    num_workers: int = rf(0, ge=0)               # DataLoader worker processes
     subset: Optional[int] = rf(None, ge=1)       # keep only the first N training images (quick runs)
     files: Optional[str] = None                  # mnist / fashion_mnist: a folder of IDX files (*-idx?-ubyte[.gz])
+    path: Optional[str] = None                   # image_folder: the folder (class sub-folders, or train/ + test/)
+    image_size: Optional[int] = rf(None, ge=1)   # bring images to image_size x image_size; null = as they are
+    resize_mode: str = rf("pad", choices=("pad", "resize"))   # centred zero padding, or bilinear resizing
+    crop_padding: int = rf(0, ge=0)              # train augmentation: random crop after this zero padding
+    hflip: bool = False                          # train augmentation: random horizontal flip
+    normalize_mean: Optional[List[float]] = None   # per channel; null = images stay in [0, 1]
+    normalize_std: Optional[List[float]] = rf(None, gt=0.0)
+    test_subset: Optional[int] = rf(None, ge=1)  # keep only the first N test images (quick runs)
 
 
 @dataclass
@@ -65,6 +69,13 @@ class HardwareConfig:
     drift_nu: float = rf(0.0, ge=0.0)            # mean drift exponent: G(t) = G0 (t / t0)^-nu
     drift_nu_std: float = rf(0.0, ge=0.0)        # device-to-device sigma of nu
     drift_t0: float = rf(1.0, gt=0.0)            # seconds; drift starts at t0
+
+
+@dataclass
+class XbarLayersConfig:
+    include: List[str] = field(default_factory=lambda: ["*"])   # glob patterns on module names (fnmatch)
+    exclude: List[str] = field(default_factory=list)            # e.g. ["fc", "*shortcut*"]
+    first_last_digital: bool = False             # keep the first and last convertible layer digital
 
 
 @dataclass
@@ -92,6 +103,8 @@ class XbarConfig:
     dac_range_mode: str = rf("per_sample", choices=("per_sample", "fixed", "calibrated"))
     dac_percentile: float = rf(99.9, gt=0.0, le=100.0)              # of a layer's |inputs|
     calibration_samples: int = rf(512, ge=1)                        # training images that calibrate the converters
+    # which Linear / Conv2d layers go on crossbars (the rest, and grouped convs, stay digital)
+    layers: XbarLayersConfig = field(default_factory=XbarLayersConfig)
 
 
 @dataclass
@@ -181,7 +194,10 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # The network: a `_target_` (a class or function) and its keyword arguments, free-form because a
+    # user's own network has arbitrary ones; checked against the target's signature by
+    # xbarflow.builders.check_model_config. The pipeline adds `in_shape` and `num_classes`.
+    model: Dict[str, Any] = field(default_factory=dict)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     xbar: XbarConfig = field(default_factory=XbarConfig)
@@ -196,7 +212,7 @@ class Config:
 
 
 GROUP_SCHEMAS = {
-    "model": ModelConfig, "dataset": DatasetConfig, "hardware": HardwareConfig, "xbar": XbarConfig,
+    "dataset": DatasetConfig, "hardware": HardwareConfig, "xbar": XbarConfig,
     "nonideality": NonidealityConfig, "training": TrainingConfig, "trainer": TrainerConfig,
     "logger": LoggerConfig, "eval": EvalConfig,
 }
@@ -205,7 +221,10 @@ GROUP_SCHEMAS = {
 def register_configs() -> None:
     """Register the top-level schema (``config_schema``) that ``conf/config.yaml`` extends."""
     cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
+    node = OmegaConf.structured(Config)
+    # the model node stays open in Hydra's struct mode: `model.depth=3` may add a user model's argument
+    OmegaConf.set_struct(node.model, False)
+    cs.store(name="config_schema", node=node)
 
 
 def _check_value(key: str, value, meta) -> None:
@@ -254,11 +273,19 @@ def validate(cfg: DictConfig) -> Config:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
     _check_node("", obj)
+    from .builders import check_model_config
+
+    check_model_config(obj.model)
     t = obj.training
     if t.mode == "tech_aware" and t.pretrain_epochs >= t.epochs:
         raise ConfigError(f"training.pretrain_epochs must be < training.epochs (got {t.pretrain_epochs} >= {t.epochs})")
     if obj.xbar.dac_range_mode == "fixed" and obj.xbar.dac_range is None:
         raise ConfigError("xbar.dac_range must be set (> 0) when xbar.dac_range_mode is fixed (got null)")
+    ds = obj.dataset
+    if (ds.normalize_mean is None) != (ds.normalize_std is None) or (
+            ds.normalize_mean is not None and len(ds.normalize_mean) != len(ds.normalize_std)):
+        raise ConfigError(f"dataset.normalize_std must have one value per dataset.normalize_mean value "
+                          f"(got {ds.normalize_mean} and {ds.normalize_std})")
     hw = obj.hardware
     if not hw.r_off > hw.r_on:
         raise ConfigError(f"hardware.r_off must be > hardware.r_on (got r_on={hw.r_on}, r_off={hw.r_off})")

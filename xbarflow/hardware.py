@@ -15,6 +15,7 @@ from .crossbar.devices import DeviceModel
 from .crossbar.rng import layer_generator
 from .crossbar.spec import CrossbarSpec
 from .crossbar.variation import Chip
+from .nn.convert import LayerSelection
 
 
 def crossbar_spec(cfg) -> CrossbarSpec:
@@ -97,3 +98,10 @@ def make_chip(cfg, seed: int, train: bool = False) -> Optional[Chip]:
         u = float(torch.rand((), generator=layer_generator(int(seed), "<chip>", "time"), dtype=torch.float64))
         time = dev.drift_t0 * math.exp(u * math.log(t_hi / dev.drift_t0))
     return Chip(seed=int(seed), c2c=hw.c2c if ni.c2c else 0.0, d2d=hw.d2d if ni.d2d else 0.0, device=dev, time=time)
+
+
+def layer_selection(cfg) -> LayerSelection:
+    """Which layers go on crossbars (``xbar.layers``)."""
+    sel = cfg.xbar.layers
+    return LayerSelection(include=tuple(sel.include), exclude=tuple(sel.exclude),
+                          first_last_digital=sel.first_last_digital)

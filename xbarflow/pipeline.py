@@ -17,11 +17,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from . import tracking
+from .builders import build_model
 from .config import Config, ConfigError, validate
 from .data import DataSplits, EpochShuffleSampler, build_datasets
 from .evaluation import calibration_loader, evaluate
-from .hardware import adc_range_mode, crossbar_spec, make_chip
-from .models import build_model
+from .hardware import adc_range_mode, crossbar_spec, layer_selection, make_chip
 from .nn.calibration import calibrate_converters, converter_ranges
 from .nn.convert import convert
 from .nn.layers import CROSSBAR_ONLY_PARAMS
@@ -53,6 +53,7 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
                            job_num=job_num, overrides=overrides,
                            extra_params={"xbar_memory_gb": f"{memory_gb:.3f}",
                                          "adc_range_mode_effective": adc_range_mode(typed)}) as run:
+        tracking.log_layer_table(run.record, model)
         module = train(typed, cfg, model, data, run)
         calibrate_periphery(typed, model, data, module.device)
         metrics, per_chip = evaluate_on_test(typed, model, data, module.device)
@@ -71,7 +72,7 @@ def seed_everything(seed: int) -> None:
 def build_crossbar_model(typed: Config, data: DataSplits, start_dir: Optional[str] = None) -> torch.nn.Module:
     """The network for the data, converted to crossbar layers, optionally from ``training.init_from``."""
     model = build_model(typed.model, data.in_shape, data.num_classes)
-    xmodel = convert(model, crossbar_spec(typed))
+    xmodel = convert(model, crossbar_spec(typed), layers=layer_selection(typed))
     if typed.training.init_from:
         load_initial_weights(xmodel, typed.training.init_from, start_dir)
     return xmodel

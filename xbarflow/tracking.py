@@ -335,7 +335,8 @@ def open_run(typed, cfg: DictConfig, *, output_dir: str, start_dir: Optional[str
     if fresh:
         tags = {
             "training": typed.training.mode, "hardware": typed.hardware.name, "nonideality": typed.nonideality.name,
-            "dataset": typed.dataset.name, "model": typed.model.arch, "overrides": overrides,
+            "dataset": typed.dataset.name, "model": str(typed.model["_target_"]).rsplit(".", 1)[-1],
+            "overrides": overrides,
             "output_dir": str(output_dir),
         }
         commit = git_commit(start_dir or os.getcwd())
@@ -789,3 +790,18 @@ def upload_record(run_dir: Path, uri: str) -> str:
     info["uploaded"] = True
     (local / "run.json").write_text(json.dumps(info, indent=1))
     return run_id
+def log_layer_table(record: "RunRecord", model) -> int:
+    """Print the layer table of a converted model, log it as ``layers.md`` and ``layers.json``
+    and the number of crossbar arrays as the param ``n_crossbar_arrays``; returns that number."""
+    from .nn.table import format_layer_table, layer_table
+
+    rows = layer_table(model)
+    text = format_layer_table(rows)
+    print(text, flush=True)
+    record.log_text(text + "\n", "layers.md")
+    record.log_text(json.dumps([r.as_dict() for r in rows], indent=1), "layers.json")
+    n_arrays = sum(r.arrays for r in rows)
+    record.log_params({"n_crossbar_arrays": str(n_arrays)})
+    return n_arrays
+
+

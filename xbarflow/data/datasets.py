@@ -1,7 +1,12 @@
-"""Datasets as ``(train, val, test)`` tensors of images in [0, 1] and integer labels.
+"""Datasets small enough to hold as tensors: ``(train, val, test)`` images in [0, 1] and integer labels.
 
 Images are shaped ``(N, C, H, W)``; inputs map to row voltages ``v_read * x`` (x_max = 1).
-``mnist5k`` and ``digits`` ship inside Python packages and need no network.
+``mnist5k`` and ``digits`` ship inside Python packages and need no network; MNIST and
+Fashion-MNIST come from IDX files (Debian's, ``dataset.files``) or torchvision.
+
+Every dataset config names its builder by ``_target_`` (a function ``cfg -> DataSplits``,
+e.g. :func:`tensor_splits` here or :func:`xbarflow.data.images.torchvision_splits`);
+:func:`build_datasets` calls it.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from typing import Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler, TensorDataset
+from torch.utils.data import Dataset, Sampler, TensorDataset
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -24,9 +29,11 @@ class DatasetUnavailable(RuntimeError):
 
 @dataclass
 class DataSplits:
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset
+    """Map-style datasets of ``(image (C, H, W) float tensor, label)`` and what the model needs to know."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
     in_shape: Tuple[int, int, int]
     num_classes: int
 
@@ -102,8 +109,7 @@ def _idx_folder(folder: Path):
 def _torchvision(name: str, root: str, download: bool):
     import torchvision
 
-    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
-           "cifar10": torchvision.datasets.CIFAR10}[name]
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}[name]
     try:
         train = cls(root, train=True, download=download)
         test = cls(root, train=False, download=download)
@@ -123,12 +129,31 @@ def _torchvision(name: str, root: str, download: bool):
 
 
 def build_datasets(cfg) -> DataSplits:
-    """Build the splits named by a ``dataset`` config (see ``conf/dataset/``).
+    """Build the splits of a ``dataset`` config (see ``conf/dataset/``) with the function its ``_target_`` names.
 
     Raises:
-        DatasetUnavailable: with one line saying how to get the data.
+        DatasetUnavailable: with one line saying how to get the data (or what is wrong with it).
     """
+    import importlib
+
+    target = getattr(cfg, "_target_", None) or "xbarflow.data.datasets.tensor_splits"
+    module_name, _, attr = target.rpartition(".")
+    try:
+        builder = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise DatasetUnavailable(f"dataset._target_={target} cannot be imported ({type(e).__name__}: {e})") from None
+    return builder(cfg)
+
+
+def tensor_splits(cfg) -> DataSplits:
+    """mnist5k, digits, mnist, fashion_mnist as tensors; resized or padded to ``cfg.image_size``
+    and augmented (train split) per the config. See :func:`build_datasets`."""
+    from .images import augmented_tensor_dataset, fit_size, normalise
+
     name = cfg.name
+    if name not in ("mnist5k", "digits", "mnist", "fashion_mnist"):
+        raise DatasetUnavailable(f"dataset.name must be one of mnist5k, digits, mnist, fashion_mnist for "
+                                 f"{cfg._target_} (got {name!r})")
     if name in ("mnist5k", "digits"):
         x, y = _mnist5k() if name == "mnist5k" else _digits()
         test_f = cfg.test_fraction
@@ -146,9 +171,12 @@ def build_datasets(cfg) -> DataSplits:
         (x_val, y_val), (x_train, y_train) = _split(x, y, [cfg.val_fraction, 1.0], cfg.split_seed)
     if cfg.subset is not None:
         x_train, y_train = x_train[: cfg.subset], y_train[: cfg.subset]
+    if cfg.test_subset is not None:
+        x_test, y_test = x_test[: cfg.test_subset], y_test[: cfg.test_subset]
     num_classes = int(max(y_train.max(), y_test.max())) + 1
-    return DataSplits(TensorDataset(x_train, y_train), TensorDataset(x_val, y_val), TensorDataset(x_test, y_test),
-                      tuple(x_train.shape[1:]), num_classes)
+    x_train, x_val, x_test = (normalise(fit_size(x, cfg.image_size, cfg.resize_mode), cfg) for x in (x_train, x_val, x_test))
+    return DataSplits(augmented_tensor_dataset(x_train, y_train, cfg), TensorDataset(x_val, y_val),
+                      TensorDataset(x_test, y_test), tuple(x_train.shape[1:]), num_classes)
 
 
 class EpochShuffleSampler(Sampler):
