@@ -173,7 +173,7 @@ def main(argv=None):
         tat_model = set_mode(convert(fcn(), spec), "nominal")
         std_step = make_step(std_model, x, target)
         tat_step = make_step(tat_model, x, target)
-        ew = lambda: all_effective_weights(tat_model)  # noqa: E731
+        ew = lambda m=tat_model: all_effective_weights(m)  # noqa: E731
         med = interleaved({"std": std_step, "tat": tat_step, "ew": ew, "mm": mm}, args.reps)
         mm_ms.append(med["mm"])
         gflops = 2 * 784 * 500 * 784 / (med["mm"] * 1e-3) / 1e9

@@ -55,8 +55,8 @@ import scipy.sparse.linalg as spla  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from xbarflow.crossbar.spec import CrossbarSpec  # noqa: E402
 from xbarflow.crossbar import wire  # noqa: E402
+from xbarflow.crossbar.spec import CrossbarSpec  # noqa: E402
 from xbarflow.crossbar.wire import _tile_series_terms, transfer_matrix_wire  # noqa: E402
 from xbarflow.nn import convert, set_mode  # noqa: E402
 from xbarflow.runtime import tune_allocator  # noqa: E402
@@ -86,8 +86,12 @@ def nodal_system(G, r_source, r_sink, r_wire):
     idx = np.arange(n).reshape(rows, cols)
     g_w = 1.0 / r_wire
     a, b, g = [idx.ravel()], [n + idx.ravel()], [G.ravel()]  # cells
-    a.append(idx[:, :-1].ravel()); b.append(idx[:, 1:].ravel()); g.append(np.full(rows * (cols - 1), g_w))
-    a.append(n + idx[:-1, :].ravel()); b.append(n + idx[1:, :].ravel()); g.append(np.full((rows - 1) * cols, g_w))
+    a.append(idx[:, :-1].ravel())
+    b.append(idx[:, 1:].ravel())
+    g.append(np.full(rows * (cols - 1), g_w))
+    a.append(n + idx[:-1, :].ravel())
+    b.append(n + idx[1:, :].ravel())
+    g.append(np.full((rows - 1) * cols, g_w))
     a, b, g = np.concatenate(a), np.concatenate(b), np.concatenate(g)
     diag = np.zeros(2 * n)
     np.add.at(diag, a, g)
@@ -236,13 +240,13 @@ def main():
     for N, rep in ((64, 7), (128, 5), (256, 3)):
         G = torch.tensor(rng.uniform(G_MIN, G_MAX, size=(N, N)))
         Gs[N] = G
-        ms = _median_ms(lambda: transfer_matrix_wire(G, r_source=R_SOURCE, r_sink=R_SINK, r_wire=R_WIRE), rep)
+        ms = _median_ms(lambda G=G: transfer_matrix_wire(G, r_source=R_SOURCE, r_sink=R_SINK, r_wire=R_WIRE), rep)
         result[f"transfer_ms_{N}"] = round(ms, 2)
         # forward and backward (gradient of a scalar loss w.r.t. G)
         Gr = G.clone().requires_grad_()
         W = torch.randn(N, N, dtype=torch.float64)
 
-        def fb():
+        def fb(Gr=Gr, W=W):
             (transfer_matrix_wire(Gr, r_source=R_SOURCE, r_sink=R_SINK, r_wire=R_WIRE) * W).sum().backward()
 
         result[f"transfer_fwd_bwd_ms_{N}"] = round(_median_ms(fb, rep), 2)

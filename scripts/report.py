@@ -149,7 +149,7 @@ def figure(rows: List[Dict[str, Any]], axis: str, title: str):
     order = sorted({r["x"] for r in rows}, key=lambda v: _sort_key(axis, v))
     position = {v: i for i, v in enumerate(order)}
     datasets = sorted({r["dataset"] for r in rows}, key=lambda d: (d != "mnist5k", d))
-    markers = dict(zip(datasets, ["o", "s", "D", "^", "P", "X", "*", "h"] * 4))
+    markers = dict(zip(datasets, ["o", "s", "D", "^", "P", "X", "*", "h"] * 4, strict=False))
     for ds in datasets:
         for mode in ("standard", "tech_aware"):
             rs = sorted((r for r in rows if r["mode"] == mode and r["dataset"] == ds), key=lambda r: _sort_key(axis, r["x"]))
@@ -162,10 +162,12 @@ def figure(rows: List[Dict[str, Any]], axis: str, title: str):
             tag = f"{mode}" + (f" ({ds})" if len({r['dataset'] for r in rows}) > 1 else "")
             c = colours[mode]
             ax.plot(xs, mean, markers[ds] + "-", color=c, label=f"{tag}: crossbar, mean over chips")
-            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=c, alpha=0.2)
+            ax.fill_between(xs, [m - s for m, s in zip(mean, std, strict=True)], [m + s for m, s in zip(mean, std, strict=True)],
+                            color=c, alpha=0.2)
             ax.plot(xs, lo, "v:", color=c, alpha=0.8, label=f"{tag}: worst chip")
             if mode == "standard":
-                ax.plot(xs, [r["test/acc_software"] for r in rs], "k--", alpha=0.6, label=f"software (ideal){'' if tag == mode else ' ' + ds}")
+                suffix = "" if tag == mode else " " + ds
+                ax.plot(xs, [r["test/acc_software"] for r in rs], "k--", alpha=0.6, label=f"software (ideal){suffix}")
     if axis == "array":
         ax.set_xticks(range(len(order)), [_label(axis, v) for v in order], rotation=30)
     else:
@@ -191,7 +193,8 @@ def markdown(summary: Dict[str, Any], name: str) -> str:
                      f"{j['acc_xbar_mean']:.2f} ± {j['acc_xbar_std']:.2f} | {j['acc_xbar_min']:.2f} |"
                      + (f" {j.get('crossbar_arrays')} |" if arrays else ""))
     lines += ["", f"Largest configuration ({summary['largest']}):", ""]
-    lines.append("| dataset | ideal (software, standard) | standard on crossbar | tech-aware on crossbar | degradation (pts) | gap (pts) |")
+    lines.append("| dataset | ideal (software, standard) | standard on crossbar | tech-aware on crossbar "
+                 "| degradation (pts) | gap (pts) |")
     lines.append("|---|---|---|---|---|---|")
     for ds, e in summary["by_dataset"].items():
         if "gap" in e:
@@ -245,7 +248,10 @@ def main(argv=None) -> int:
     fig.savefig(png, dpi=130)
     plt.close(fig)
     (out / "report.md").write_text(markdown(summary, name))
-    (out / "report.json").write_text(json.dumps(summary, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+    def no_nan(v):
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    (out / "report.json").write_text(json.dumps(summary, indent=2, default=no_nan))
     if not args.no_log:
         for f in (png, out / "report.md", out / "report.json"):
             client.log_artifact(parent_id, str(f), artifact_path="report")

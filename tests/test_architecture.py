@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Iterable, List
 
 import pytest
-
 from conftest import REPO
 
 FRAMEWORKS = ("hydra", "omegaconf", "pytorch_lightning", "lightning", "mlflow", "torchmetrics")

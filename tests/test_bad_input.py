@@ -1,7 +1,7 @@
 """Bad values for every resistance, voltage and sigma: one line naming the key, non-zero exit, no run."""
 import pytest
-
 from conftest import compose, run_cli
+
 from xbarflow.config import ConfigError, validate
 
 # key -> values that must be rejected (zero is allowed for resistances and sigmas: the ideal limit)

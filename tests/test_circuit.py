@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 import torch
-
 from nodal import nodal_currents
+
 from xbarflow.crossbar import solve, transfer_matrix
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (2, 3), (3, 2), (16, 16), (9, 40), (40, 9), (64, 64), (64, 33), (17, 64)]
@@ -51,7 +51,7 @@ def test_parasitics_shrink_currents_and_vanish_as_r_goes_to_zero():
         I = solve(G, V, r_source=r, r_sink=r)
         assert bool((I < ideal).all()) and bool((I > 0).all())
         errors.append(float(((ideal - I).abs() / ideal).max()))
-    assert all(b < a for a, b in zip(errors, errors[1:]))
+    assert all(b < a for a, b in zip(errors, errors[1:], strict=False))
     assert errors[-1] < 1e-5
 
 
@@ -120,7 +120,7 @@ def test_transfer_columns_and_apply_transfer_match_explicit_and_gradcheck():
     w = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     ga = torch.autograd.grad((apply_transfer(U, G, r_source=1e3, r_sink=2e3) * w).sum(), (U, G))
     gb = torch.autograd.grad(((U @ transfer_matrix(G, r_source=1e3, r_sink=2e3)) * w).sum(), (U, G))
-    for x, y in zip(ga, gb):
+    for x, y in zip(ga, gb, strict=True):
         assert torch.allclose(x, y, rtol=1e-10, atol=1e-30)
 
 

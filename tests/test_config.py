@@ -1,7 +1,7 @@
 """Every config option composes and validates; bad values stop with one line naming the key."""
 import pytest
-
 from conftest import CONF, compose, run_cli
+
 from xbarflow.config import ConfigError, validate
 from xbarflow.hardware import crossbar_spec
 

@@ -87,7 +87,8 @@ def test_lsq_gradient_of_the_range():
     for i, (gy, gr) in enumerate(grads):
         inside = abs(float(y[i].detach())) < 2.0
         assert float(gy[i]) == (1.0 if inside else 0.0)
-        expected = (float(q[i].detach()) - float(y[i].detach())) / 2.0 if inside else math.copysign(1 - 1 / n, float(y[i].detach()))
+        qi, yi = float(q[i].detach()), float(y[i].detach())
+        expected = (qi - yi) / 2.0 if inside else math.copysign(1 - 1 / n, yi)
         assert abs(float(gr) - expected) < 1e-12, (i, float(gr), expected)
     # a fixed range keeps the straight-through gradient (identity, also beyond the range)
     y2 = y.detach().requires_grad_(True)
@@ -127,9 +128,9 @@ def test_learned_range_moves_to_reduce_the_conversion_error(start):
 def test_calibration_never_reads_the_test_split():
     """The pipeline's calibration reads the training split only: NaN test images change nothing,
     NaN training images poison every range."""
+    from conftest import compose
     from omegaconf import OmegaConf
 
-    from conftest import compose
     from xbarflow.config import validate
     from xbarflow.data import DataSplits
     from xbarflow.pipeline import build_crossbar_model, calibrate_periphery
@@ -154,6 +155,7 @@ def test_calibration_never_reads_the_test_split():
 
 def test_auto_mode_resolves_by_training_mode():
     from conftest import compose
+
     from xbarflow.config import validate
     from xbarflow.hardware import crossbar_spec
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import compose, run_cli
+
 from xbarflow.config import ConfigError, validate
 from xbarflow.data import DatasetUnavailable, build_datasets
 
@@ -130,7 +130,8 @@ def test_user_model_from_outside_the_repo(workdir, tmp_path_factory):
         "    def __init__(self, in_shape, num_classes, hidden=12):\n"
         "        super().__init__()\n"
         "        self.body = nn.Sequential(nn.Conv2d(in_shape[0], 4, 3, padding=1), nn.ReLU(), nn.Flatten(),\n"
-        "                                  nn.Linear(4 * in_shape[1] * in_shape[2], hidden), nn.ReLU(), nn.Linear(hidden, num_classes))\n\n"
+        "                                  nn.Linear(4 * in_shape[1] * in_shape[2], hidden), nn.ReLU(),\n"
+        "                                  nn.Linear(hidden, num_classes))\n\n"
         "    def forward(self, x):\n"
         "        return self.body(x)\n")
     proc = run_cli(["experiment=smoke", "dataset=digits", "model=user", "model._target_=mynets.Tiny", "model.hidden=9",

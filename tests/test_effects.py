@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import compose
+
 from xbarflow.config import validate
 from xbarflow.crossbar import Chip, CrossbarSpec, DeviceModel, device_conductances, effective_weight
 from xbarflow.crossbar.devices import apply_read_noise, apply_stuck, drift_factors, quantize_levels

@@ -161,7 +161,7 @@ def test_fused_training_path_matches_effective_weight(mapping, chip):
     w = torch.randn_like(y)
     g1 = torch.autograd.grad((y * w).sum(), (x, layer.weight, layer.bias))
     g2 = torch.autograd.grad((ref * w).sum(), (x, layer.weight, layer.bias))
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
     # exact gradient in x and W (fixed clipping range: max|W| is a detached scale)
     # (small tiles keep gradcheck quick: 3 x 2 tiles of 8 x 6, padded)

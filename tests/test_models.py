@@ -10,12 +10,12 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import compose
+
 from xbarflow.builders import build_model
 from xbarflow.config import ConfigError, validate
 from xbarflow.crossbar.spec import CrossbarSpec
-from xbarflow.models import cnn, fcn, resnet20, torchvision_model
+from xbarflow.models import resnet20, torchvision_model
 from xbarflow.nn import LayerSelection, convert, crossbar_array_count, format_layer_table, layer_table, set_mode
 
 IDEAL_CIRCUIT = CrossbarSpec(rows=64, cols=64, r_source=0.0, r_sink=0.0)
@@ -220,7 +220,6 @@ def test_user_class_from_a_file_outside_the_repo(tmp_path, monkeypatch):
 
 def _model_option_keys():
     import yaml
-
     from conftest import CONF
 
     return sorted({(p.stem, k) for p in (CONF / "model").glob("*.yaml") for k in yaml.safe_load(p.read_text())})
@@ -230,6 +229,7 @@ def _model_option_keys():
 def test_command_line_check_accepts_every_model_key(option, key):
     """run.py's pre-check (xbarflow/cli.py) must let model keys through: the model node is free-form."""
     from conftest import CONF
+
     from xbarflow.cli import check_overrides
 
     assert check_overrides([f"model={option}", f"model.{key}=1"], CONF) is None
@@ -237,6 +237,7 @@ def test_command_line_check_accepts_every_model_key(option, key):
 
 def test_command_line_check_model_overrides():
     from conftest import CONF
+
     from xbarflow.cli import check_overrides
 
     assert check_overrides(["model._target_=mypkg.nets.MyNet", "model.depth=3"], CONF) is None

@@ -2,9 +2,9 @@
 import json
 
 import pytest
+from conftest import CONF, compose, run_cli
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose, run_cli
 from xbarflow.cli import check_composition, check_overrides
 from xbarflow.config import GROUP_SCHEMAS, validate
 

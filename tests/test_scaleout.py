@@ -8,7 +8,6 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import run_cli
 
 QUICK = ["experiment=smoke", "dataset=digits", "trainer.limit_train_batches=2", "eval.n_chips=1"]

@@ -10,8 +10,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
 
-from xbarflow.crossbar import transfer_matrix
-from xbarflow.crossbar import wire
+from xbarflow.crossbar import transfer_matrix, wire
 from xbarflow.crossbar.wire import transfer_matrix_wire
 
 
@@ -27,8 +26,12 @@ def sparse_nodal_transfer(G, r_source, r_sink, r_wire):
     rows, cols = G.shape
     n = rows * cols
     N = 2 * n
-    u = lambda i, j: i * cols + j
-    w = lambda i, j: n + i * cols + j
+    def u(i, j):
+        return i * cols + j
+
+    def w(i, j):
+        return n + i * cols + j
+
     # edges (a, b, conductance); b = -1 means ground, b = ("src", i) means the source of row i
     entries = {}
 
@@ -52,7 +55,10 @@ def sparse_nodal_transfer(G, r_source, r_sink, r_wire):
         for j in range(cols):
             gnd.append((w(rows - 1, j), 1.0 / r_sink))
     for a, b, g in edges:
-        add(a, a, g); add(b, b, g); add(a, b, -g); add(b, a, -g)
+        add(a, a, g)
+        add(b, b, g)
+        add(a, b, -g)
+        add(b, a, -g)
     for a, g, _ in src_edges:
         add(a, a, g)
     for a, g in gnd:
@@ -264,7 +270,7 @@ def test_row_generator_fallback_matches(monkeypatch):
             T = transfer_matrix_wire(G, r_source=r_source, r_sink=500.0, r_wire=5.0)
             (g,) = torch.autograd.grad((T * W).sum(), G)
             results.append((T.detach(), g))
-    for (T_a, g_a), (T_b, g_b) in zip(results[:2], results[2:]):
+    for (T_a, g_a), (T_b, g_b) in zip(results[:2], results[2:], strict=True):
         assert _rel_err(T_b.numpy(), T_a.numpy()) <= 1e-12
         assert _rel_err(g_b.numpy(), g_a.numpy()) <= 1e-10
 

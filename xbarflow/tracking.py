@@ -17,9 +17,9 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 from urllib.parse import urlsplit
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -169,7 +169,7 @@ def _spd_inverse(B: torch.Tensor) -> torch.Tensor:
     return L_inv.mT @ L_inv
 
 
-def _transfer_cols_forward(G: torch.Tensor, r_source: float, r_sink: float) -> Tuple[torch.Tensor, ...]:
+def _transfer_cols_forward(G: torch.Tensor, r_source: float, r_sink: float) -> Tuple[Optional[torch.Tensor], ...]:
     """T = diag(a) G B^-1 with the ``cols x cols`` system; returns T and what backward needs."""
     r = G.sum(-1)
     a = 1.0 / (1.0 + r_source * r)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .datasets import DataSplits, DatasetUnavailable
+from .datasets import DatasetUnavailable, DataSplits
 
 
 def fit_size(x: torch.Tensor, size: Optional[int], mode: str) -> torch.Tensor:
@@ -195,7 +195,8 @@ def image_folder_splits(cfg) -> DataSplits:
 
     try:
         if (root / "train").is_dir() and (root / "test").is_dir():
-            train_aug, train_plain, test = folder(root / "train", True), folder(root / "train", False), folder(root / "test", False)
+            train_aug, train_plain = folder(root / "train", True), folder(root / "train", False)
+            test = folder(root / "test", False)
             if train_plain.classes != test.classes:
                 raise DatasetUnavailable(f"dataset.path {root}: train/ and test/ have different class folders")
         else:

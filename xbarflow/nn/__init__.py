@@ -1,7 +1,7 @@
 """Crossbar layers and model conversion (wraps :mod:`xbarflow.crossbar`)."""
-from .convert import LayerSelection, convert, convertible_layers, set_mode, xbar_layers, xbar_mode
 from .calibration import calibrate_column_gains, calibrate_converters, reset_column_gains
 from .compensation import COMPENSATIONS, calibrate_global_gains, compensate, global_gain, saved_column_gains
+from .convert import LayerSelection, convert, convertible_layers, set_mode, xbar_layers, xbar_mode
 from .layers import MODES, XbarConv2d, XbarLinear
 from .table import LayerRow, crossbar_array_count, format_layer_table, layer_table
 

@@ -101,6 +101,7 @@ def convert(model: nn.Module, spec: SpecFor, *, inplace: bool = False,
 
 def _convert_one(m: nn.Module, spec: CrossbarSpec, name: str) -> Optional[nn.Module]:
     kw = dict(device=m.weight.device, dtype=m.weight.dtype) if hasattr(m, "weight") else {}
+    new: nn.Module
     if type(m) is nn.Linear:
         new = XbarLinear(m.in_features, m.out_features, bias=m.bias is not None, spec=spec, name=name, **kw)
     elif type(m) is nn.Conv2d and m.groups == 1:

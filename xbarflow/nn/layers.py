@@ -21,7 +21,7 @@ evaluation run this same forward pass.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, cast
 
 import torch
 import torch.nn as nn
@@ -40,8 +40,16 @@ MODES = ("ideal", "nominal", "chip")
 CROSSBAR_ONLY_PARAMS = ("log_column_gain", "log_adc_range", "dac_scale")
 
 
-class _XbarMixin:
+class _XbarMixin(nn.Module):
     """Mode, chip and effective-weight cache shared by the crossbar layers."""
+
+    # set by the torch layer it is mixed into, and by _init_xbar
+    weight: torch.Tensor
+    log_column_gain: torch.Tensor
+    log_adc_range: torch.Tensor
+    dac_scale: torch.Tensor
+    _cache_key: Optional[tuple]
+    _keep_learned_range: bool
 
     def _init_xbar(self, spec: CrossbarSpec, name: str = ""):
         self.spec = spec
@@ -60,14 +68,14 @@ class _XbarMixin:
         # tile (or column pair) as a log fraction of a tile's largest differential current; a
         # parameter when it is learned, else a buffer that calibration sets. The DAC's input scale
         # when it is calibrated (input units).
-        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
+        device, dtype = self.weight.device, self.weight.dtype
         log_adc_range = torch.full(adc_groups(self.weight[0].numel(), self.weight.shape[0], spec),
-                                   math.log(spec.adc_range), **kw)
+                                   math.log(spec.adc_range), device=device, dtype=dtype)
         if spec.adc_range_mode == "learned":
             self.log_adc_range = nn.Parameter(log_adc_range)
         else:
             self.register_buffer("log_adc_range", log_adc_range)
-        self.register_buffer("dac_scale", torch.tensor(float(spec.dac_range or 1.0), **kw))
+        self.register_buffer("dac_scale", torch.tensor(float(spec.dac_range or 1.0), device=device, dtype=dtype))
 
     def adc_range(self) -> Optional[torch.Tensor]:
         """Full scale of each ADC as a fraction of a tile's largest current, ``(n_r, n_groups)``;
@@ -91,7 +99,8 @@ class _XbarMixin:
         shape = [1] * y.dim()
         shape[channel_dim] = -1
         y = y * self.log_column_gain.exp().reshape(shape)
-        return y + self.bias.reshape(shape) if self.bias is not None else y
+        bias = cast(Optional[torch.Tensor], self.bias)  # the torch layer's (Linear, Conv2d)
+        return y + bias.reshape(shape) if bias is not None else y
 
     def set_mode(self, mode: str, chip: Optional[Chip] = None):
         if mode not in MODES:
@@ -140,6 +149,7 @@ class _XbarMixin:
             with torch.no_grad():
                 self._cache_weight = effective_weight(W, self.spec, chip, self.xbar_name)
             self._cache_key = key
+        assert self._cache_weight is not None
         return self._cache_weight
 
     def extra_repr(self) -> str:
@@ -178,6 +188,7 @@ class XbarLinear(_XbarMixin, nn.Linear):
                 return self._digital(y.reshape(*lead, self.out_features), -1)
         W_eff = self.effective_weight_matrix()
         if spec.has_adc:
+            assert x_max is not None  # set above: an ADC is a peripheral
             y = adc_apply(x2, W_eff, spec, weight_range(self._weight_matrix(), spec.w_max), x_max, self.adc_range())
             return self._digital(y.reshape(*lead, self.out_features), -1)
         return self._digital(F.linear(x2.reshape(*lead, self.in_features), W_eff.t()), -1)
@@ -225,11 +236,17 @@ class XbarConv2d(_XbarMixin, nn.Conv2d):
         y = y.reshape(N, h_out * w_out, self.out_channels).transpose(1, 2).reshape(N, self.out_channels, h_out, w_out)
         return self._digital(y, 1)
 
+    def _int_padding(self) -> Tuple[int, ...]:
+        """The padding as numbers (``padding="same"`` / ``"valid"`` strings resolved by torch at init)."""
+        if isinstance(self.padding, str):
+            raise ValueError(f"XbarConv2d needs a numeric padding (got {self.padding!r})")
+        return tuple(self.padding)
+
     def _output_size(self, x: torch.Tensor) -> Tuple[int, int]:
         size = []
         for d in (0, 1):
             span = self.dilation[d] * (self.kernel_size[d] - 1) + 1
-            size.append((x.shape[-2 + d] + 2 * self.padding[d] - span) // self.stride[d] + 1)
+            size.append((x.shape[-2 + d] + 2 * self._int_padding()[d] - span) // self.stride[d] + 1)
         return size[0], size[1]
 
     def array_inputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +255,7 @@ class XbarConv2d(_XbarMixin, nn.Conv2d):
         x_max = self.input_scale(x, 3)                                        # (N, 1, 1, 1) or scalar
         if self.spec.dac_bits is not None:
             x = dac_quantize(x, self.spec.dac_bits, x_max)
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self._int_padding(), stride=self.stride)
         N, L = x.shape[0], cols.shape[-1]
         x2 = cols.transpose(1, 2).reshape(N * L, -1)
         xm = x_max.reshape(-1, 1).repeat_interleave(L, dim=0) if x_max.dim() else x_max
