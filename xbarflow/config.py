@@ -161,6 +161,10 @@ class EvalConfig:
     times: List[float] = rf([3600.0, 86400.0, 31536000.0], gt=0.0)
 
 
+OBJECTIVES = tuple(f"{split}/acc_{what}" for split in ("test", "val")
+                   for what in ("xbar_mean", "xbar_nominal", "xbar_min", "software"))
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -175,6 +179,11 @@ class Config:
     seed: int = 0
     run_name: Optional[str] = None
     resume: bool = False                         # continue the run in hydra.run.dir from its last checkpoint
+    # train: train, then evaluate; evaluate: evaluate the trained weights of `source` (no training)
+    mode: str = rf("train", choices=("train", "evaluate"))
+    source: Optional[str] = None                 # mode=evaluate: a run id, a runs:/<id>/<artifact> URI or a weights file
+    # the metric run.py returns to the sweeper (Optuna maximises it); val/* are computed only when asked
+    objective: str = rf("test/acc_xbar_mean", choices=OBJECTIVES)
 
 
 GROUP_SCHEMAS = {
@@ -241,6 +250,11 @@ def validate(cfg: DictConfig) -> Config:
         raise ConfigError(f"training.pretrain_epochs must be < training.epochs (got {t.pretrain_epochs} >= {t.epochs})")
     if obj.xbar.dac_range_mode == "fixed" and obj.xbar.dac_range is None:
         raise ConfigError("xbar.dac_range must be set (> 0) when xbar.dac_range_mode is fixed (got null)")
+    if obj.mode == "evaluate" and not obj.source:
+        raise ConfigError("source must be set (a run id, a runs:/<id>/<artifact> URI or a weights file) "
+                          "when mode is evaluate (got null)")
+    if obj.mode == "train" and obj.source:
+        raise ConfigError(f"source is read only with mode=evaluate (got mode=train, source={obj.source})")
     hw = obj.hardware
     if not hw.r_off > hw.r_on:
         raise ConfigError(f"hardware.r_off must be > hardware.r_on (got r_on={hw.r_on}, r_off={hw.r_off})")
