@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from . import source as source_module
-from . import tracking
+from . import sweep_view, tracking
 from .config import Config, ConfigError, validate
 from .data import DataSplits, EpochShuffleSampler, build_datasets
 from .evaluation import evaluate
@@ -55,6 +55,8 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
                            job_num=job_num, overrides=overrides,
                            extra_params={"xbar_memory_gb": f"{memory_gb:.3f}",
                                          "adc_range_mode_effective": adc_range_mode(typed)}) as run:
+        if parent_run_id and not typed.run_name:
+            sweep_view.name_child(run.client, run.run_id, parent_run_id, overrides)
         if source is None:
             device = train(typed, cfg, model, data, run).device
         else:

@@ -353,8 +353,12 @@ class MlflowSweepCallback(Callback):
         client = client_for(uri)
         exp_id = experiment_id(client, config.logger.experiment_name)
         overrides = " ".join(config.hydra.overrides.task)
-        run = client.create_run(exp_id, run_name=f"sweep {Path(sweep_dir).name}",
-                                tags={"sweep": "parent", "overrides": overrides, "sweep_dir": str(sweep_dir)})
+        from .sweep_view import SWEPT_TAG, parent_name, swept_keys
+
+        keys = swept_keys(config)
+        run = client.create_run(exp_id, run_name=parent_name(config, keys),
+                                tags={"sweep": "parent", "overrides": overrides, "sweep_dir": str(sweep_dir),
+                                      SWEPT_TAG: json.dumps(keys)})
         (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri,
                                                          "experiment_id": exp_id}))
         self._client, self._run_id = client, run.info.run_id
@@ -367,6 +371,13 @@ class MlflowSweepCallback(Callback):
         table = format_table(rows)
         print("\nSweep summary (accuracy in %):\n" + table, flush=True)
         client.log_text(self._run_id, table + "\n", "sweep_summary.md")
+        from .sweep_view import html_table
+
+        if rows:
+            client.log_text(self._run_id, html_table(rows), "sweep_summary.html")
+        # the run page's description: the comparison is the first thing a user sees
+        client.set_tag(self._run_id, "mlflow.note.content",
+                       "Sweep summary (accuracy in %), one child run per row; figure: sweep_accuracy.png\n\n" + table)
         csv = io.StringIO()
         cols: List[str] = []
         for r in rows:
