@@ -18,7 +18,8 @@ SWEPT_TAG = "swept"
 
 def swept_keys(config: DictConfig) -> List[str]:
     """The keys a ``-m`` sweep varies: the sweeper's ``params`` (an experiment's grid, Optuna's
-    search space), then every sweep override of the command line (``a=1,2``, ``interval(...)``)."""
+    search space) less those the command line pins to one value, then every sweep override of the
+    command line (``a=1,2``, ``interval(...)``)."""
     keys: List[str] = list((config.hydra.sweeper.get("params") or {}).keys())
     try:
         overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
@@ -27,6 +28,8 @@ def swept_keys(config: DictConfig) -> List[str]:
     for o in overrides:
         if o.is_sweep_override() and o.key_or_group not in keys:
             keys.append(o.key_or_group)
+        elif not o.is_sweep_override() and o.key_or_group in keys:
+            keys.remove(o.key_or_group)  # a search-space key pinned on the command line does not vary
     return keys
 
 
