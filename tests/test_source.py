@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, run_cli
 
-SECTION8 = ["test/acc_software", "test/acc_xbar_nominal", "test/acc_xbar_mean", "test/acc_xbar_std", "test/acc_xbar_min"]
+SECTION8 = ["test/acc_software", "test/acc_xbar_nominal", "test/acc_xbar_mean", "test/acc_xbar_std",
+            "test/acc_xbar_min"]
 BASE = ["experiment=smoke", "dataset=digits", "logger.experiment_name=src"]
 
 
@@ -64,9 +64,9 @@ def test_logged_model_loads_in_a_fresh_process(trained):
 
     # the reference: the run's own weights.pt in a model built here from the run's config
     import torch
+    from conftest import compose
     from omegaconf import OmegaConf
 
-    from conftest import compose
     from xbarflow.config import validate
     from xbarflow.data import build_datasets
     from xbarflow.nn.convert import set_mode

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import run_cli
+
 from xbarflow.sweep_view import child_name, html_table
 
 

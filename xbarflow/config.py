@@ -181,7 +181,7 @@ class Config:
     resume: bool = False                         # continue the run in hydra.run.dir from its last checkpoint
     # train: train, then evaluate; evaluate: evaluate the trained weights of `source` (no training)
     mode: str = rf("train", choices=("train", "evaluate"))
-    source: Optional[str] = None                 # mode=evaluate: a run id, a runs:/<id>/<artifact> URI or a weights file
+    source: Optional[str] = None                 # mode=evaluate: run id, runs:/<id>/<artifact> URI or weights file
     # the metric run.py returns to the sweeper (Optuna maximises it); val/* are computed only when asked
     objective: str = rf("test/acc_xbar_mean", choices=OBJECTIVES)
 

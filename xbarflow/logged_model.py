@@ -88,12 +88,16 @@ def log_model(run, typed, model: torch.nn.Module, example: torch.Tensor) -> str:
     level = pytorch_log.level
     # its warning about pickles is for models from strangers; this one is the run's own
     pytorch_log.setLevel(logging.ERROR)
-    with mlflow.start_run(run_id=run.run_id):
-        mlflow.pytorch.log_model(portable, name=MODEL_NAME, signature=signature, input_example=x.numpy(),
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                                 serialization_format="pickle",  # pt2 (the default) would export a graph of the ideal mode only: no crossbar layers
-                                 tags=card, metadata={"description": describe(card), **card})
-    pytorch_log.setLevel(level)
+    try:
+        with mlflow.start_run(run_id=run.run_id):
+            mlflow.pytorch.log_model(
+                portable, name=MODEL_NAME, signature=signature, input_example=x.numpy(),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                # pt2 (the default) would export a graph of the ideal mode only: no crossbar layers
+                serialization_format="pickle",
+                tags=card, metadata={"description": describe(card), **card})
+    finally:
+        pytorch_log.setLevel(level)
     # leaving the fluent run ends it; the pipeline's open_run decides how the run terminates
     run.client.update_run(run.run_id, "RUNNING")
     run.client.set_tag(run.run_id, "mlflow.note.content", describe(card))
