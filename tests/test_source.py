@@ -139,3 +139,22 @@ def test_mismatched_or_missing_source_is_refused(trained):
     proc = run_cli(BASE + ["mode=evaluate"], cwd=workdir)
     assert proc.returncode == 2 and "source must be set" in proc.stderr
     assert len(_runs(workdir)) == before  # no run left behind
+
+
+def test_reused_standard_training_gives_the_metrics_of_training_again(workdir):
+    """`training.reuse`: the second standard job of a crossbar sweep evaluates the first one's
+    weights, and its metrics are those of training it again (standard training never sees the crossbar)."""
+    std = BASE + ["training=standard"]
+    proc = run_cli(["-m"] + std + ["training.reuse=true", "xbar.size=16,32"], cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Trainer.fit") + proc.stderr.count("Trainer.fit") == 1  # trained once
+    children = [r for r in _runs(workdir) if "mlflow.parentRunId" in r.data.tags]
+    first, second = sorted(children, key=lambda r: int(r.data.tags["job_num"]))
+    assert "train_key" in first.data.tags and second.data.tags["reused_from"] == first.info.run_id
+    assert second.data.tags["training"] == "standard" and second.data.params["xbar.size"] == "32"
+    proc = run_cli(std + ["xbar.size=32", "logger.experiment_name=again"], cwd=workdir)  # trained anew
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = _client(workdir)
+    (again,) = client.search_runs([client.get_experiment_by_name("again").experiment_id])
+    for key in SECTION8:
+        assert second.data.metrics[key] == again.data.metrics[key], key

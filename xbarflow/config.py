@@ -124,6 +124,9 @@ class TrainingConfig:
     pretrain_epochs: int = rf(0, ge=0)           # tech_aware: first epochs ideal (standard), then on the crossbar
     column_gain: bool = True                     # tech_aware: calibrate and learn a digital gain per output column
     init_from: Optional[str] = None              # path of a state_dict (.pt) to start from
+    # standard: evaluate the weights of a finished run of the experiment that trained the same network
+    # (same model, data, recipe and seed; the crossbar does not matter) instead of training it again
+    reuse: bool = False
 
 
 @dataclass

@@ -59,6 +59,7 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
             sweep_view.name_child(run.client, run.run_id, parent_run_id, overrides)
         if source is None:
             device = train(typed, cfg, model, data, run).device
+            source_module.mark_trained(run, cfg)
         else:
             device = source_module.deploy(run, typed, cfg, model, data, source)
         calibrate_periphery(typed, model, data, device)
@@ -195,14 +196,16 @@ def train(typed: Config, cfg: DictConfig, model: torch.nn.Module, data: DataSpli
 
 def load_source(typed: Config, cfg: DictConfig, model: torch.nn.Module,
                 start_dir: Optional[str] = None) -> Optional[source_module.Source]:
-    """``mode=evaluate``: the weights of ``source`` loaded into the model (else None).
+    """``mode=evaluate``: the weights of ``source`` loaded into the model; with ``training.reuse``,
+    those of an earlier run that trained the same standard network (else None: train).
 
     Raises:
         ConfigError: one line, for a missing source or one trained for another model or dataset.
     """
+    uri = tracking.tracking_uri(typed.logger, start_dir)
     if typed.mode != "evaluate":
-        return None
-    return source_module.prepare(cfg, typed, model, tracking.tracking_uri(typed.logger, start_dir), start_dir)
+        return source_module.find_trained(typed, cfg, model, uri)
+    return source_module.prepare(cfg, typed, model, uri, start_dir)
 
 
 def calibrate_periphery(typed: Config, model: torch.nn.Module, data: DataSplits, device) -> None:

@@ -190,6 +190,52 @@ def prepare(cfg: DictConfig, typed, model: torch.nn.Module, tracking_uri: str,
     return source
 
 
+TRAIN_KEY_TAG = "train_key"
+# What standard training depends on: the network, the data, the recipe and the seed; not the
+# crossbar (hardware, xbar, nonideality), which it never sees.
+TRAINING_INPUTS = ("model.", "dataset.", "training.", "seed", "trainer.limit_train_batches",
+                   "trainer.limit_val_batches", "trainer.precision", "trainer.deterministic")
+
+
+def train_key(cfg: DictConfig) -> str:
+    """A digest of everything standard training depends on (``training.reuse`` aside)."""
+    import hashlib
+    import json
+
+    inputs = {k: v for k, v in _flat(cfg).items() if k.startswith(TRAINING_INPUTS) and k != "training.reuse"}
+    return hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def find_trained(typed, cfg: DictConfig, model: torch.nn.Module, tracking_uri: str) -> Optional[Source]:
+    """``training.reuse`` with standard training: the weights of a FINISHED run of the same
+    experiment trained the same way (:func:`train_key`), loaded into ``model``; None when there
+    is none (or it cannot be read), and the run trains."""
+    if not (typed.training.reuse and typed.training.mode == "standard" and typed.mode == "train"):
+        return None
+    from .tracking import client_for
+
+    client = client_for(tracking_uri)
+    exp = client.get_experiment_by_name(typed.logger.experiment_name)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], f"tags.{TRAIN_KEY_TAG} = '{train_key(cfg)}' "
+                              "and attributes.status = 'FINISHED'", max_results=1,
+                              order_by=["attributes.start_time ASC"])
+    if not runs:
+        return None
+    try:
+        source = resolve_source(runs[0].info.run_id, tracking_uri)
+        source.converters_loaded = load_source_weights(model, source)
+    except ConfigError:
+        return None
+    return source
+
+
+def mark_trained(run, cfg: DictConfig) -> None:
+    """Tag a run that trained with its :func:`train_key`, so that ``training.reuse`` finds it."""
+    run.client.set_tag(run.run_id, TRAIN_KEY_TAG, train_key(cfg))
+
+
 def column_gain_policy(source: Source, cfg: DictConfig) -> str:
     """``source`` (keep the source's gains: same crossbar, or unity gains), or ``recalibrated``
     (gains learned for another or an unknown crossbar: least squares on this one's nominal array)."""
@@ -211,8 +257,8 @@ def evaluation_device(typed) -> torch.device:
 
 
 def deploy(run, typed, cfg: DictConfig, model: torch.nn.Module, data, source: Source) -> torch.device:
-    """The training step of an evaluation-only run: tag the run with its source and set the
-    periphery the source did not bring for this crossbar.
+    """The training step of an evaluation-only run (or of a reused standard training): tag the
+    run with its source and set the periphery the source did not bring for this crossbar.
 
     Converter ranges not taken from the source (another tile size, or ranges it never had) are
     calibrated, learned ones included, on ``xbar.calibration_samples`` training images; column
@@ -225,9 +271,12 @@ def deploy(run, typed, cfg: DictConfig, model: torch.nn.Module, data, source: So
     device = evaluation_device(typed)
     model.to(device).eval()
     policy = column_gain_policy(source, cfg)
-    tags = {"mode": "evaluate", "source": source.spec, "column_gains": policy}
-    if source.run_id:
-        tags["source_run"] = source.run_id
+    if typed.mode == "evaluate":
+        tags = {"mode": "evaluate", "source": source.spec, "column_gains": policy}
+        if source.run_id:
+            tags["source_run"] = source.run_id
+    else:  # training.reuse: the same standard training as the source's, not repeated
+        tags = {"mode": "reused", "reused_from": source.spec, "column_gains": policy}
     if source.training:
         tags["training"] = source.training  # what the weights are: reports group runs by it
     for k, v in tags.items():
