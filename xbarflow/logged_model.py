@@ -101,4 +101,7 @@ def log_model(run, typed, model: torch.nn.Module, example: torch.Tensor) -> str:
     # leaving the fluent run ends it; the pipeline's open_run decides how the run terminates
     run.client.update_run(run.run_id, "RUNNING")
     run.client.set_tag(run.run_id, "mlflow.note.content", describe(card))
+    from .sweep_view import set_model_training_kind
+
+    set_model_training_kind(run.client, run.client.get_run(run.run_id).info.experiment_id)
     return f"runs:/{run.run_id}/{MODEL_NAME}"

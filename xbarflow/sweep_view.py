@@ -16,6 +16,12 @@ from omegaconf import DictConfig
 SWEPT_TAG = "swept"
 
 
+def set_model_training_kind(client, experiment_id: str) -> None:
+    """Tag the experiment as model training, so that MLflow's UI opens it on its runs table (an
+    untagged experiment opens in the GenAI view, which files a sweep's parent under "Evaluations")."""
+    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+
+
 def swept_keys(config: DictConfig) -> List[str]:
     """The keys a ``-m`` sweep varies: the sweeper's ``params`` (an experiment's grid, Optuna's
     search space) less those the command line pins to one value, then every sweep override of the

@@ -353,8 +353,9 @@ class MlflowSweepCallback(Callback):
         client = client_for(uri)
         exp_id = experiment_id(client, config.logger.experiment_name)
         overrides = " ".join(config.hydra.overrides.task)
-        from .sweep_view import SWEPT_TAG, parent_name, swept_keys
+        from .sweep_view import SWEPT_TAG, parent_name, set_model_training_kind, swept_keys
 
+        set_model_training_kind(client, exp_id)
         keys = swept_keys(config)
         run = client.create_run(exp_id, run_name=parent_name(config, keys),
                                 tags={"sweep": "parent", "overrides": overrides, "sweep_dir": str(sweep_dir),
