@@ -1,7 +1,8 @@
 """One run as a straight line of named steps.
 
-config -> validate -> data -> model (converted to crossbars) -> memory check -> tracked run
--> train -> evaluate -> log results. Every step that can reject the input runs before the
+config -> validate -> data -> model (converted to crossbars) -> source (mode=evaluate, or a
+reused standard training) -> memory check -> tracked run -> train (or deploy the source) ->
+calibrate -> evaluate -> log results and the model. Every step that can reject the input runs before the
 MLflow run is opened, so bad input leaves no run behind; a failure after that marks the run
 FAILED (or KILLED on interrupt), never RUNNING (:func:`xbarflow.tracking.open_run`).
 """
