@@ -50,7 +50,7 @@ def test_sweep_makes_parent_children_and_table(workdir):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["training"] for r in children) == ["standard", "tech_aware"]
     # readable in the UI: the parent says what varies, a child its value
-    assert parent.info.run_name == "xbarflow: training"
+    assert parent.info.run_name == "smoke: training"  # the experiment= option, then what varies
     assert sorted(r.info.run_name for r in children) == ["training=standard", "training=tech_aware"]
     assert all(r.info.status == "FINISHED" for r in children + [parent])
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
