@@ -49,9 +49,12 @@ def test_sweep_makes_parent_children_and_table(workdir):
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["training"] for r in children) == ["standard", "tech_aware"]
+    # readable in the UI: the parent says what varies, a child its value
+    assert parent.info.run_name == "smoke: training"  # the experiment= option, then what varies
+    assert sorted(r.info.run_name for r in children) == ["training=standard", "training=tech_aware"]
     assert all(r.info.status == "FINISHED" for r in children + [parent])
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"sweep_summary.md", "sweep_summary.csv", "sweep_accuracy.png"} <= arts
+    assert {"sweep_summary.md", "sweep_summary.csv", "sweep_summary.html", "sweep_accuracy.png"} <= arts
     table = client.download_artifacts(parent.info.run_id, "sweep_summary.csv", str(workdir))
     rows = open(table).read().splitlines()
     assert rows[0].startswith("job,status,training") and len(rows) == 3

@@ -150,6 +150,9 @@ class TrainingConfig:
     column_gain: bool = True                     # tech_aware: calibrate and learn a digital gain per output column
     init_from: Optional[str] = None              # path of a state_dict (.pt) to start from
     noise: WeightNoiseConfig = field(default_factory=WeightNoiseConfig)   # noise_aware: weight noise per step
+    # standard: evaluate the weights of a finished run of the experiment that trained the same network
+    # (same model, data, recipe and seed; the crossbar does not matter) instead of training it again
+    reuse: bool = False
 
 
 @dataclass
@@ -192,6 +195,10 @@ class EvalConfig:
     calibration_samples: int = rf(256, ge=1)     # training images of the calibration batch
 
 
+OBJECTIVES = tuple(f"{split}/acc_{what}" for split in ("test", "val")
+                   for what in ("xbar_mean", "xbar_nominal", "xbar_min", "software"))
+
+
 @dataclass
 class Config:
     # The network: a `_target_` (a class or function) and its keyword arguments, free-form because a
@@ -209,6 +216,11 @@ class Config:
     seed: int = 0
     run_name: Optional[str] = None
     resume: bool = False                         # continue the run in hydra.run.dir from its last checkpoint
+    # train: train, then evaluate; evaluate: evaluate the trained weights of `source` (no training)
+    mode: str = rf("train", choices=("train", "evaluate"))
+    source: Optional[str] = None                 # mode=evaluate: run id, runs:/<id>/<artifact> URI or weights file
+    # the metric run.py returns to the sweeper (Optuna maximises it); val/* are computed only when asked
+    objective: str = rf("test/acc_xbar_mean", choices=OBJECTIVES)
 
 
 GROUP_SCHEMAS = {
@@ -286,6 +298,11 @@ def validate(cfg: DictConfig) -> Config:
             ds.normalize_mean is not None and len(ds.normalize_mean) != len(ds.normalize_std)):
         raise ConfigError(f"dataset.normalize_std must have one value per dataset.normalize_mean value "
                           f"(got {ds.normalize_mean} and {ds.normalize_std})")
+    if obj.mode == "evaluate" and not obj.source:
+        raise ConfigError("source must be set (a run id, a runs:/<id>/<artifact> URI or a weights file) "
+                          "when mode is evaluate (got null)")
+    if obj.mode == "train" and obj.source:
+        raise ConfigError(f"source is read only with mode=evaluate (got mode=train, source={obj.source})")
     hw = obj.hardware
     if not hw.r_off > hw.r_on:
         raise ConfigError(f"hardware.r_off must be > hardware.r_on (got r_on={hw.r_on}, r_off={hw.r_off})")

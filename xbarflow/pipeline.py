@@ -1,7 +1,8 @@
 """One run as a straight line of named steps.
 
-config -> validate -> data -> model (converted to crossbars) -> memory check -> tracked run
--> train -> evaluate -> log results. Every step that can reject the input runs before the
+config -> validate -> data -> model (converted to crossbars) -> source (mode=evaluate, or a
+reused standard training) -> memory check -> tracked run -> train (or deploy the source) ->
+calibrate -> evaluate -> log results and the model. Every step that can reject the input runs before the
 MLflow run is opened, so bad input leaves no run behind; a failure after that marks the run
 FAILED (or KILLED on interrupt), never RUNNING (:func:`xbarflow.tracking.open_run`).
 """
@@ -16,12 +17,14 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from . import tracking
+from . import source as source_module
+from . import sweep_view, tracking
 from .builders import build_model
 from .config import Config, ConfigError, validate
 from .data import DataSplits, EpochShuffleSampler, build_datasets
 from .evaluation import calibration_loader, evaluate
 from .hardware import adc_range_mode, crossbar_spec, layer_selection, make_chip
+from .logged_model import log_model
 from .nn.calibration import calibrate_converters, converter_ranges
 from .nn.convert import convert
 from .nn.layers import CROSSBAR_ONLY_PARAMS
@@ -48,16 +51,26 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
     seed_everything(typed.seed)
     data = build_datasets(typed.dataset)
     model = build_crossbar_model(typed, data, start_dir)
+    source = load_source(typed, cfg, model, start_dir)
     memory_gb = check_memory(typed, model)
     with tracking.open_run(typed, cfg, output_dir=output_dir, start_dir=start_dir, parent_run_id=parent_run_id,
                            job_num=job_num, overrides=overrides,
                            extra_params={"xbar_memory_gb": f"{memory_gb:.3f}",
                                          "adc_range_mode_effective": adc_range_mode(typed)}) as run:
         tracking.log_layer_table(run.record, model)
-        module = train(typed, cfg, model, data, run)
-        calibrate_periphery(typed, model, data, module.device)
-        metrics, per_chip = evaluate_on_test(typed, model, data, module.device)
+        if parent_run_id and not typed.run_name:
+            sweep_view.name_child(run.client, run.run_id, parent_run_id, overrides)
+        if source is None:
+            device = train(typed, cfg, model, data, run).device
+            source_module.mark_trained(run, cfg)
+        else:
+            device = source_module.deploy(run, typed, cfg, model, data, source)
+        calibrate_periphery(typed, model, data, device)
+        metrics, per_chip = evaluate_on_test(typed, model, data, device)
+        if typed.objective.startswith("val/"):
+            metrics.update(evaluate_on_val(typed, model, data, device))
         log_results(run, typed, model, metrics, per_chip)
+        log_model(run, typed, model, data.train[:2][0])
     return metrics
 
 
@@ -183,6 +196,20 @@ def train(typed: Config, cfg: DictConfig, model: torch.nn.Module, data: DataSpli
     return module
 
 
+def load_source(typed: Config, cfg: DictConfig, model: torch.nn.Module,
+                start_dir: Optional[str] = None) -> Optional[source_module.Source]:
+    """``mode=evaluate``: the weights of ``source`` loaded into the model; with ``training.reuse``,
+    those of an earlier run that trained the same standard network (else None: train).
+
+    Raises:
+        ConfigError: one line, for a missing source or one trained for another model or dataset.
+    """
+    uri = tracking.tracking_uri(typed.logger, start_dir)
+    if typed.mode != "evaluate":
+        return source_module.find_trained(typed, cfg, model, uri)
+    return source_module.prepare(cfg, typed, model, uri, start_dir)
+
+
 def calibrate_periphery(typed: Config, model: torch.nn.Module, data: DataSplits, device) -> None:
     """Calibrate the converters of the trained network, as a deployed chip would after programming.
 
@@ -209,6 +236,15 @@ def evaluate_on_test(typed: Config, model: torch.nn.Module, data: DataSplits,
     return evaluate(model, test_loader, num_classes=data.num_classes, n_chips=typed.eval.n_chips,
                     chip_seed=typed.eval.chip_seed, make_chip=lambda seed: make_chip(typed, seed), device=device,
                     times=typed.eval.times, compensation=typed.eval.compensation, calibration_loader=calibration)
+
+
+def evaluate_on_val(typed: Config, model: torch.nn.Module, data: DataSplits, device) -> Dict[str, float]:
+    """The section-8 metrics on the validation split (``val/...``): what a hyperparameter search may see."""
+    _, val_loader, _ = data_loaders(typed, data)
+    metrics, _ = evaluate(model, val_loader, num_classes=data.num_classes, n_chips=typed.eval.n_chips,
+                          chip_seed=typed.eval.chip_seed, make_chip=lambda seed: make_chip(typed, seed), device=device,
+                          prefix="val/")
+    return metrics
 
 
 def log_results(run: "tracking.TrackedRun", typed: Config, model: torch.nn.Module,

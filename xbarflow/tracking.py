@@ -302,6 +302,11 @@ class TrackedRun:
         return self.record.run_id
 
     @property
+    def client(self):
+        """The store's client, for calls that need no offline copy (tags, model logging)."""
+        return self.record.client
+
+    @property
     def ckpt_dir(self) -> Path:
         return self.output_dir / "checkpoints"
 
@@ -554,8 +559,13 @@ class MlflowSweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         exp_id = experiment_id(client, config.logger.experiment_name)
         overrides = redact(" ".join(config.hydra.overrides.task))
-        run = client.create_run(exp_id, run_name=f"sweep {Path(sweep_dir).name}",
-                                tags={"sweep": "parent", "overrides": overrides, "sweep_dir": str(sweep_dir)})
+        from .sweep_view import SWEPT_TAG, parent_name, set_model_training_kind, swept_keys
+
+        set_model_training_kind(client, exp_id)
+        keys = swept_keys(config)
+        run = client.create_run(exp_id, run_name=parent_name(config, keys),
+                                tags={"sweep": "parent", "overrides": overrides, "sweep_dir": str(sweep_dir),
+                                      SWEPT_TAG: json.dumps(keys)})
         (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": redact(uri),
                                                          "experiment_id": exp_id}))
         self._client, self._run_id = client, run.info.run_id
@@ -575,6 +585,13 @@ class MlflowSweepCallback(Callback):
         table = format_table(rows)
         print("\nSweep summary (accuracy in %):\n" + table, flush=True)
         client.log_text(self._run_id, table + "\n", "sweep_summary.md")
+        from .sweep_view import html_table
+
+        if rows:
+            client.log_text(self._run_id, html_table(rows), "sweep_summary.html")
+        # the run page's description: the comparison is the first thing a user sees
+        client.set_tag(self._run_id, "mlflow.note.content",
+                       "Sweep summary (accuracy in %), one child run per row; figure: sweep_accuracy.png\n\n" + table)
         csv = io.StringIO()
         cols: List[str] = []
         for r in rows:

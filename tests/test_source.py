@@ -1,0 +1,160 @@
+"""Train once, evaluate many: logged models and evaluation-only runs (issue 15).
+
+One technology-aware smoke run on the digits is trained once per module; the tests load its
+logged model in a fresh process and evaluate its weights again, on the same and on other hardware.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, run_cli
+
+SECTION8 = ["test/acc_software", "test/acc_xbar_nominal", "test/acc_xbar_mean", "test/acc_xbar_std",
+            "test/acc_xbar_min"]
+BASE = ["experiment=smoke", "dataset=digits", "logger.experiment_name=src"]
+
+
+def _client(workdir):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def _runs(workdir):
+    client = _client(workdir)
+    exp = client.get_experiment_by_name("src")
+    return client.search_runs([exp.experiment_id], max_results=100, order_by=["attributes.start_time ASC"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(start dir, the run) of one trained, logged smoke run."""
+    workdir = tmp_path_factory.mktemp("trained")
+    proc = run_cli(BASE, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = _runs(workdir)
+    return workdir, run
+
+
+LOAD = r"""
+import json, sys, torch, mlflow, mlflow.pytorch
+from xbarflow.nn.convert import set_mode
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pytorch.load_model(sys.argv[2], map_location="cpu")
+x = torch.linspace(0, 1, 5 * 64).reshape(5, 1, 8, 8)
+out = {"layers": sorted({type(m).__name__ for m in model.modules()})}
+for mode in ("ideal", "nominal"):
+    set_mode(model, mode)
+    with torch.no_grad():
+        out[mode] = model(x).tolist()
+print(json.dumps(out))
+"""
+
+
+def test_logged_model_loads_in_a_fresh_process(trained):
+    workdir, run = trained
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    proc = subprocess.run([sys.executable, "-c", LOAD, uri, f"runs:/{run.info.run_id}/model"], cwd=workdir,
+                          capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "XbarLinear" in loaded["layers"]
+
+    # the reference: the run's own weights.pt in a model built here from the run's config
+    import torch
+    from conftest import compose
+    from omegaconf import OmegaConf
+
+    from xbarflow.config import validate
+    from xbarflow.data import build_datasets
+    from xbarflow.nn.convert import set_mode
+    from xbarflow.pipeline import build_crossbar_model
+
+    client = _client(workdir)
+    typed = validate(compose(BASE))
+    model = build_crossbar_model(typed, build_datasets(typed.dataset))
+    weights = client.download_artifacts(run.info.run_id, "weights.pt", str(workdir))
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    x = torch.linspace(0, 1, 5 * 64).reshape(5, 1, 8, 8)
+    for mode in ("ideal", "nominal"):
+        set_mode(model, mode)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.tensor(loaded[mode]), model(x), rtol=1e-5, atol=1e-6)
+    ideal, nominal = torch.tensor(loaded["ideal"]), torch.tensor(loaded["nominal"])
+    assert not torch.allclose(ideal, nominal)  # the crossbar layers really ran the circuit
+
+    # its card says what it was trained for; the pickled network is as small as its weights
+    model_info = client.search_logged_models([run.info.experiment_id])[0]
+    assert model_info.tags["hardware"] == "rram" and model_info.tags["training"] == "tech_aware"
+    assert "64x64 tiles" in model_info.tags["crossbar"] and "c2c" in model_info.tags["nonideality"]
+    from pathlib import Path
+
+    weights_bytes = (Path(run.data.tags["output_dir"]) / "weights.pt").stat().st_size
+    sizes = [p.stat().st_size for p in (workdir / "mlruns").rglob("model.pth")]
+    assert sizes and max(sizes) < 1.5 * weights_bytes
+    assert OmegaConf.to_container(compose(BASE))["mode"] == "train"
+
+
+def test_evaluate_same_config_reproduces_metrics(trained):
+    workdir, run = trained
+    proc = run_cli(BASE + ["mode=evaluate", f"source={run.info.run_id}"], cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Trainer.fit" not in proc.stdout + proc.stderr  # nothing was trained
+    evaluated = _runs(workdir)[-1]
+    assert evaluated.info.run_id != run.info.run_id and evaluated.info.status == "FINISHED"
+    assert evaluated.data.tags["source_run"] == run.info.run_id and evaluated.data.tags["mode"] == "evaluate"
+    assert evaluated.data.tags["column_gains"] == "source"
+    for key in SECTION8:
+        assert evaluated.data.metrics[key] == run.data.metrics[key], key
+    assert "train/loss" not in evaluated.data.metrics
+
+
+def test_evaluate_on_other_hardware_from_logged_model(trained):
+    workdir, run = trained
+    proc = run_cli(BASE + ["mode=evaluate", f"source=runs:/{run.info.run_id}/model", "hardware=pcm", "xbar.size=16"],
+                   cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = _runs(workdir)[-1]
+    tags = evaluated.data.tags
+    assert tags["source_run"] == run.info.run_id and tags["hardware"] == "pcm"
+    assert tags["training"] == "tech_aware" and tags["column_gains"] == "recalibrated"
+    assert evaluated.data.params["xbar.size"] == "16"
+    m = evaluated.data.metrics
+    assert m["test/acc_software"] == run.data.metrics["test/acc_software"]  # the same weights
+    assert 0 <= m["test/acc_xbar_min"] <= m["test/acc_xbar_mean"] <= 100
+
+
+def test_mismatched_or_missing_source_is_refused(trained):
+    workdir, run = trained
+    before = len(_runs(workdir))
+    proc = run_cli(BASE + ["mode=evaluate", f"source={run.info.run_id}", "model.hidden=[50]"], cwd=workdir)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: source={run.info.run_id}: trained for model.hidden=[500], not "
+                                   f"model.hidden=[50] (evaluate it with the source's model and dataset)")
+    proc = run_cli(BASE + ["mode=evaluate", "source=0123456789abcdef0123456789abcdef"], cwd=workdir)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no run 0123456789abcdef" in proc.stderr
+    proc = run_cli(BASE + ["mode=evaluate"], cwd=workdir)
+    assert proc.returncode == 2 and "source must be set" in proc.stderr
+    assert len(_runs(workdir)) == before  # no run left behind
+
+
+def test_reused_standard_training_gives_the_metrics_of_training_again(workdir):
+    """`training.reuse`: the second standard job of a crossbar sweep evaluates the first one's
+    weights, and its metrics are those of training it again (standard training never sees the crossbar)."""
+    std = BASE + ["training=standard"]
+    proc = run_cli(["-m"] + std + ["training.reuse=true", "xbar.size=16,32"], cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Trainer.fit") + proc.stderr.count("Trainer.fit") == 1  # trained once
+    children = [r for r in _runs(workdir) if "mlflow.parentRunId" in r.data.tags]
+    first, second = sorted(children, key=lambda r: int(r.data.tags["job_num"]))
+    assert "train_key" in first.data.tags and second.data.tags["reused_from"] == first.info.run_id
+    assert second.data.tags["training"] == "standard" and second.data.params["xbar.size"] == "32"
+    proc = run_cli(std + ["xbar.size=32", "logger.experiment_name=again"], cwd=workdir)  # trained anew
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = _client(workdir)
+    (again,) = client.search_runs([client.get_experiment_by_name("again").experiment_id])
+    for key in SECTION8:
+        assert second.data.metrics[key] == again.data.metrics[key], key
