@@ -181,3 +181,14 @@ def test_device_yaml_with_a_syntax_error(workdir, tmp_path_factory, sweep):
     proc = run_cli(["experiment=smoke", f"hydra.searchpath=[file://{extra}]", *choice], cwd=workdir)
     _one_line_exit_2(proc, "YAML syntax error", "broken.yaml", "line 4")
     _no_run_left(workdir)
+
+
+@pytest.mark.parametrize("args,named", [
+    (["xbar.mapping=interleaved", "xbar.cols=63"], "xbar.cols must be even for interleaved mapping"),
+    (["trainer.accelerator=tpu"], "trainer (accelerator=tpu"),
+    (["trainer.devices=abc"], "devices=abc"),
+])
+def test_inputs_the_core_or_lightning_refuse_are_one_line(workdir, args, named):
+    proc = run_cli(["experiment=smoke", "dataset=digits", *args], cwd=workdir)
+    _one_line_exit_2(proc, named)
+    _no_run_left(workdir)

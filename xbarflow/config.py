@@ -309,4 +309,11 @@ def validate(cfg: DictConfig) -> Config:
     if hw.stuck_on + hw.stuck_off > 1.0:
         raise ConfigError(f"hardware.stuck_off must be <= 1 - hardware.stuck_on "
                           f"(got stuck_on={hw.stuck_on}, stuck_off={hw.stuck_off})")
+    # the core's own checks of the crossbar it will build (e.g. interleaved mapping needs even cols)
+    from .hardware import crossbar_spec
+
+    try:
+        crossbar_spec(obj)
+    except ValueError as e:
+        raise ConfigError(f"xbar.{e}") from None
     return obj

@@ -9,6 +9,7 @@ FAILED (or KILLED on interrupt), never RUNNING (:func:`xbarflow.tracking.open_ru
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -53,6 +54,7 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
     model = build_crossbar_model(typed, data, start_dir)
     source = load_source(typed, cfg, model, start_dir)
     memory_gb = check_memory(typed, model)
+    check_trainer(typed)
     with tracking.open_run(typed, cfg, output_dir=output_dir, start_dir=start_dir, parent_run_id=parent_run_id,
                            job_num=job_num, overrides=overrides,
                            extra_params={"xbar_memory_gb": f"{memory_gb:.3f}",
@@ -148,6 +150,30 @@ def check_memory(typed: Config, model: torch.nn.Module) -> float:
         print(f"warning: the crossbar simulation needs about {gb:.1f} GB of the {limit_gb:.1f} GB available ({what})",
               file=sys.stderr, flush=True)
     return gb
+
+
+def check_trainer(typed: Config) -> None:
+    """Let Lightning check the accelerator, devices, strategy and precision before any run exists.
+
+    Raises:
+        ConfigError: one line with Lightning's reason (an accelerator this machine lacks, ...).
+    """
+    import pytorch_lightning as pl
+
+    tc = typed.trainer
+    log = logging.getLogger("pytorch_lightning")
+    level = log.level
+    log.setLevel(logging.WARNING)  # its "GPU available ..." lines come once, from the real Trainer
+    try:
+        pl.Trainer(accelerator=tc.accelerator, devices=tc.devices, strategy=tc.strategy, num_nodes=tc.num_nodes,
+                   precision=tc.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"trainer (accelerator={tc.accelerator}, devices={tc.devices}, strategy={tc.strategy}, "
+                          f"precision={tc.precision}): {reason}") from None
+    finally:
+        log.setLevel(level)
 
 
 def data_loaders(typed: Config, data: DataSplits) -> Tuple[DataLoader, DataLoader, DataLoader]:
