@@ -132,7 +132,8 @@ def check_memory(typed: Config, model: torch.nn.Module) -> float:
     Raises:
         ConfigError: one line naming the largest layer, its arrays and the estimate.
     """
-    tech_aware = typed.training.mode == "tech_aware"
+    # only technology-aware training holds the arrays for a backward pass (not an evaluation-only run)
+    tech_aware = typed.training.mode == "tech_aware" and typed.mode == "train"
     estimate = model_memory(model, train_through_crossbar=tech_aware)
     gb = estimate.peak_bytes / 1e9
     if not estimate.layers:
