@@ -281,9 +281,9 @@ def main():
     swept = []
     sweep = wire._sweep
 
-    def recording_sweep(G, r_source, r_sink, r_wire, keep):
+    def recording_sweep(G, r_source, r_sink, r_wire, keep, every=1):
         swept.append((G.shape[0], tuple(G.shape[1:]), _tile_series_terms(G, r_wire)))
-        return sweep(G, r_source, r_sink, r_wire, keep)
+        return sweep(G, r_source, r_sink, r_wire, keep, every)
 
     wire._sweep = recording_sweep
 
