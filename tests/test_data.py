@@ -113,6 +113,7 @@ def _params(workdir):
     return dict(db.execute("select key, value from params").fetchall())
 
 
+@pytest.mark.slow  # ~4 min on the shared 2 cores: tech-aware steps and 7 test passes of the width-16 ResNet
 @pytest.mark.skipif(not FASHION.exists(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_resnet20_fashion_mnist_smoke(workdir):
     proc = run_cli(["model=resnet20", "dataset=fashion_mnist", "experiment=smoke"], cwd=workdir)
