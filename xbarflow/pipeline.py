@@ -72,7 +72,7 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
         if typed.objective.startswith("val/"):
             metrics.update(evaluate_on_val(typed, model, data, device))
         log_results(run, typed, model, metrics, per_chip)
-        log_model(run, typed, model, data.train[:2][0])
+        log_model(run, typed, model, torch.stack([data.train[i][0] for i in range(2)]))
     return metrics
 
 
