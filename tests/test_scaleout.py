@@ -140,4 +140,8 @@ def test_jobs_log_to_a_tracking_server(workdir, tmp_path):
         assert any((tmp_path / "art").rglob("weights.pt"))  # stored by the server, not the job
     finally:
         os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # MLflow 3's job consumers can outlive a busy machine's grace
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
