@@ -104,7 +104,7 @@ def _start_server(tmp, port, auth=False):
         cmd += ["--app-name", "basic-auth"]
     server = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
-    deadline = time.time() + 180
+    deadline = time.time() + 300  # MLflow 3's server starts its job consumers first: slow on a busy machine
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
