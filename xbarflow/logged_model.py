@@ -9,7 +9,8 @@ then runs it on the nominal crossbar it was trained for.
 from __future__ import annotations
 
 import copy
-from typing import Dict
+import sys
+from typing import Dict, Optional
 
 import torch
 
@@ -59,7 +60,7 @@ def describe(card: Dict[str, str]) -> str:
             f"importable); xbarflow.nn.convert.set_mode(model, 'nominal') runs it on the crossbar.")
 
 
-def log_model(run, typed, model: torch.nn.Module, example: torch.Tensor) -> str:
+def log_model(run, typed, model: torch.nn.Module, example: torch.Tensor) -> Optional[str]:
     """Log ``model`` as ``runs:/<run id>/model`` with a signature, an input example and its card.
 
     Args:
@@ -83,25 +84,35 @@ def log_model(run, typed, model: torch.nn.Module, example: torch.Tensor) -> str:
         y = portable(x)
     signature = infer_signature(x.numpy(), y.numpy())
     card = model_card(typed)
-    mlflow.set_tracking_uri(run.uri)
-    pytorch_log = logging.getLogger("mlflow.pytorch")
-    level = pytorch_log.level
-    # its warning about pickles is for models from strangers; this one is the run's own
-    pytorch_log.setLevel(logging.ERROR)
-    try:
-        with mlflow.start_run(run_id=run.run_id):
-            mlflow.pytorch.log_model(
-                portable, name=MODEL_NAME, signature=signature, input_example=x.numpy(),
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                # pt2 (the default) would export a graph of the ideal mode only: no crossbar layers
-                serialization_format="pickle",
-                tags=card, metadata={"description": describe(card), **card})
-    finally:
-        pytorch_log.setLevel(level)
-    # leaving the fluent run ends it; the pipeline's open_run decides how the run terminates
-    run.client.update_run(run.run_id, "RUNNING")
-    run.client.set_tag(run.run_id, "mlflow.note.content", describe(card))
-    from .sweep_view import set_model_training_kind
+    if run.record.offline:  # the store went away during the run: the weights are kept on disk
+        print("warning: the tracking store is lost: model not logged (weights.pt is kept)", file=sys.stderr, flush=True)
+        return None
+    from .tracking import redacted_stdout
 
-    set_model_training_kind(run.client, run.client.get_run(run.run_id).info.experiment_id)
+    try:
+        with redacted_stdout():  # MLflow prints "View run ... at: <tracking URI>", credentials included
+            mlflow.set_tracking_uri(run.uri)
+            pytorch_log = logging.getLogger("mlflow.pytorch")
+            level = pytorch_log.level
+            # its warning about pickles is for models from strangers; this one is the run's own
+            pytorch_log.setLevel(logging.ERROR)
+            try:
+                with mlflow.start_run(run_id=run.run_id):
+                    mlflow.pytorch.log_model(
+                        portable, name=MODEL_NAME, signature=signature, input_example=x.numpy(),
+                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                        # pt2 (the default) would export a graph of the ideal mode only: no crossbar layers
+                        serialization_format="pickle",
+                        tags=card, metadata={"description": describe(card), **card})
+            finally:
+                pytorch_log.setLevel(level)
+            # leaving the fluent run ends it; the pipeline's open_run decides how the run terminates
+            run.client.update_run(run.run_id, "RUNNING")
+            run.client.set_tag(run.run_id, "mlflow.note.content", describe(card))
+            from .sweep_view import set_model_training_kind
+
+            set_model_training_kind(run.client, run.client.get_run(run.run_id).info.experiment_id)
+    except Exception as e:  # the store failed while logging the model: the run goes on
+        print(f"warning: model not logged ({type(e).__name__}); weights.pt is kept", file=sys.stderr, flush=True)
+        return None
     return f"runs:/{run.run_id}/{MODEL_NAME}"

@@ -233,7 +233,7 @@ def find_trained(typed, cfg: DictConfig, model: torch.nn.Module, tracking_uri: s
 
 def mark_trained(run, cfg: DictConfig) -> None:
     """Tag a run that trained with its :func:`train_key`, so that ``training.reuse`` finds it."""
-    run.client.set_tag(run.run_id, TRAIN_KEY_TAG, train_key(cfg))
+    run.record.set_tag(TRAIN_KEY_TAG, train_key(cfg))  # through the record: survives a lost store
 
 
 def column_gain_policy(source: Source, cfg: DictConfig) -> str:
@@ -280,7 +280,7 @@ def deploy(run, typed, cfg: DictConfig, model: torch.nn.Module, data, source: So
     if source.training:
         tags["training"] = source.training  # what the weights are: reports group runs by it
     for k, v in tags.items():
-        run.client.set_tag(run.run_id, k, v)
+        run.record.set_tag(k, v)
     if source.converters_loaded and policy == "source":
         return device
     n = min(typed.xbar.calibration_samples, len(data.train))
