@@ -1,6 +1,8 @@
 """Digital column-gain calibration of crossbar layers."""
 from __future__ import annotations
 
+from typing import Optional, cast
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,6 +14,17 @@ def _ideal_product(layer: _XbarMixin, x: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, XbarConv2d):
         return F.conv2d(x, layer.weight, None, layer.stride, layer.padding, layer.dilation, 1)
     return F.linear(x, layer.weight)
+
+
+def channels_and_bias(layer: _XbarMixin, output: torch.Tensor):
+    """``(channel_dim, shape, bias)`` of a crossbar layer's output: where its channels are, the
+    shape that broadcasts one value per channel, and its digital bias in that shape (or 0)."""
+    channel_dim = 1 if isinstance(layer, XbarConv2d) else -1
+    shape = [1] * output.dim()
+    shape[channel_dim] = -1
+    layer_bias = cast(Optional[torch.Tensor], layer.bias)  # the torch layer's (Linear, Conv2d)
+    bias = layer_bias.reshape(shape) if layer_bias is not None else 0.0
+    return channel_dim, shape, bias
 
 
 @torch.no_grad()
@@ -32,10 +45,7 @@ def calibrate_column_gains(model: nn.Module, x: torch.Tensor, min_gain: float = 
     handles = []
 
     def hook(layer, inputs, output):
-        channel_dim = 1 if isinstance(layer, XbarConv2d) else -1
-        shape = [1] * output.dim()
-        shape[channel_dim] = -1
-        bias = layer.bias.reshape(shape) if layer.bias is not None else 0.0
+        channel_dim, shape, bias = channels_and_bias(layer, output)
         array = (output - bias) / layer.log_column_gain.exp().reshape(shape)
         ideal = _ideal_product(layer, inputs[0])
         dims = [d for d in range(output.dim()) if d != channel_dim % output.dim()]

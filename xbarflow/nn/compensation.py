@@ -26,8 +26,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from .calibration import calibrate_column_gains
-from .layers import XbarConv2d, _XbarMixin
+from .calibration import calibrate_column_gains, channels_and_bias
+from .layers import _XbarMixin
 
 COMPENSATIONS = ("none", "global", "column")
 
@@ -75,10 +75,7 @@ def calibrate_global_gains(model: nn.Module, x: torch.Tensor, min_gain: float = 
     handles = []
 
     def hook(layer, inputs, output):
-        channel_dim = 1 if isinstance(layer, XbarConv2d) else -1
-        shape = [1] * output.dim()
-        shape[channel_dim] = -1
-        bias = layer.bias.reshape(shape) if layer.bias is not None else 0.0
+        _, shape, bias = channels_and_bias(layer, output)
         reference = _nominal_forward(layer, inputs[0]) - bias
         current = output - bias
         factor = global_gain(reference, current).clamp_min(min_gain)
