@@ -55,11 +55,31 @@ def test_parallel_sweep_into_one_sqlite_store(tmp_path):
 
 @pytest.mark.slow
 def test_parallel_sweep_race_repeated(tmp_path):
-    """The same, many times (MLflow's own fix for this class of race saw 6 failures in 1,800 runs)."""
-    for t in range(int(os.environ.get("XBARFLOW_RACE_TRIALS_SLOW", "20"))):
+    """The same, many times (MLflow's own fix for this class of race saw 6 failures in 1,800 runs).
+
+    Every trial runs even after a failure, so the count of failures is the result; it is
+    printed (``pytest -s``) and, with ``XBARFLOW_RACE_REPORT=FILE``, appended to FILE as
+    one JSON line. The test fails if any trial failed.
+    """
+    import json
+    import traceback
+
+    trials = int(os.environ.get("XBARFLOW_RACE_TRIALS_SLOW", "20"))
+    failures, t_start = [], time.time()
+    for t in range(trials):
         workdir = tmp_path / f"trial{t}"
         workdir.mkdir()
-        _check_parallel_sweep(workdir, n_jobs=4)
+        try:
+            _check_parallel_sweep(workdir, n_jobs=4)
+        except Exception as err:  # count it and go on: the rate is what is measured
+            failures.append({"trial": t, "error": "".join(traceback.format_exception_only(err)).strip()[-2000:]})
+    summary = {"trials": trials, "failed": len(failures), "wall_s": round(time.time() - t_start, 1),
+               "failures": failures}
+    print(json.dumps(summary))
+    if os.environ.get("XBARFLOW_RACE_REPORT"):
+        with open(os.environ["XBARFLOW_RACE_REPORT"], "a") as f:
+            f.write(json.dumps(summary) + "\n")
+    assert not failures, f"{len(failures)} of {trials} trials failed: {failures[:3]}"
 
 
 STRESS = r'''
