@@ -27,6 +27,8 @@ def main(cfg: DictConfig) -> float:
     multirun = hc.mode == RunMode.MULTIRUN
     if hc.output_subdir:  # Hydra's copy of the config and overrides: no credentials on disk either
         tracking.redact_files(Path(hc.runtime.output_dir) / hc.output_subdir)
+    if multirun:  # the sweeper's copy, at once: a sweep killed before its end leaves no secret behind
+        tracking.redact_files(Path(hc.sweep.dir), "multirun.yaml")
     n_jobs = hc.launcher.get("n_jobs", 1) if multirun else 1
     if isinstance(n_jobs, int) and n_jobs > 1:
         # parallel local jobs share the cores: one job's intra-op threads should not oversubscribe them
@@ -53,7 +55,12 @@ def main(cfg: DictConfig) -> float:
         return float("nan")
     except Exception as e:
         if not multirun:
-            raise
+            # Hydra would print the traceback as is; exception messages (a database driver's,
+            # a failed request's) can carry the tracking URI with its password
+            import traceback
+
+            print(tracking.redact("".join(traceback.format_exception(e))), file=sys.stderr, flush=True)
+            sys.exit(1)
         # the run is already marked FAILED in MLflow; let the other jobs of the sweep go on
         print(tracking.redact(f"error: job {hc.job.num} failed: {type(e).__name__}: {e}"), file=sys.stderr, flush=True)
         tracking.record_failure(hc.sweep.dir, hc.job.num, " ".join(hc.overrides.task), f"{type(e).__name__}: {e}")

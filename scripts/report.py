@@ -27,7 +27,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from xbarflow.tracking import SECTION8, client_for  # noqa: E402
+from xbarflow.tracking import SECTION8, TrackingStoreError, check_store, client_for, redact  # noqa: E402
 
 # The quantity a sweep varies, in order of preference, and how to read it from a run's params.
 AXES = {
@@ -217,13 +217,18 @@ def main(argv=None) -> int:
                     help="report only runs with this param value (repeatable), e.g. hardware.name=rram")
     args = ap.parse_args(argv)
 
+    try:
+        check_store(args.tracking_uri)
+    except TrackingStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     client = client_for(args.tracking_uri)
     if args.parent:
         parent_ids = args.parent
     else:
         exp = client.get_experiment_by_name(args.experiment)
         if exp is None:
-            print(f"error: no MLflow experiment named {args.experiment!r} at {args.tracking_uri}", file=sys.stderr)
+            print(f"error: no MLflow experiment named {args.experiment!r} at {redact(args.tracking_uri)}", file=sys.stderr)
             return 2
         parents = client.search_runs([exp.experiment_id], "tags.sweep = 'parent'", order_by=["attributes.start_time DESC"])
         if not parents:

@@ -188,6 +188,13 @@ SECRET_CALLBACK = textwrap.dedent('''
         """A callback with a secret-named argument, as a user's notification hook might have."""
         def __init__(self, api_token):
             self.api_token = api_token
+
+    class Fails(pl.Callback):
+        """Fails as a driver might, with the URI (and its password) in the exception's message."""
+        def __init__(self, uri):
+            self.uri = uri
+        def on_train_start(self, trainer, pl_module):
+            raise ConnectionError(f"could not reach {self.uri}")
 ''')
 
 
@@ -224,6 +231,54 @@ def test_no_secret_anywhere_in_the_run(auth_server, workdir, tmp_path_factory, m
     assert any(p.name == "overrides.yaml" for p in on_disk)  # Hydra's copies were checked too
     leaked = [str(p) for p in on_disk if any(s.encode() in p.read_bytes() for s in secrets)]
     assert leaked == []
+
+
+def test_sweep_killed_mid_job_leaves_no_secret_on_disk(workdir, tmp_path_factory):
+    """The sweeper writes multirun.yaml before any job; each job redacts it at its start, so a
+    sweep killed before its end (where the sweep callback would redact it) leaves no secret."""
+    mod = tmp_path_factory.mktemp("secretmod")
+    (mod / "secretcb.py").write_text(SECRET_CALLBACK)
+    sweep_dir = workdir / "sweep"
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{mod}")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    secret_callback = f"+trainer.callbacks=[{{_target_:secretcb.Noop,api_token:{API_TOKEN}}}]"
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), "-m", *QUICK, "seed=0,1", "training.epochs=50",
+                             f"hydra.sweep.dir={sweep_dir}", secret_callback],
+                            cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (sweep_dir / "0" / "tracking").exists():  # job 0 is past its start, into its run
+            assert proc.poll() is None and time.time() < deadline, "the first job never started its run"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    multirun_yaml = sweep_dir / "multirun.yaml"
+    assert multirun_yaml.is_file() and "api_token" in multirun_yaml.read_text()
+    leaked = [str(p) for p in sweep_dir.rglob("*") if p.is_file() and API_TOKEN.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+def test_failing_job_prints_its_traceback_redacted(workdir, tmp_path_factory):
+    mod = tmp_path_factory.mktemp("secretmod")
+    (mod / "secretcb.py").write_text(SECRET_CALLBACK)
+    uri = f"postgresql://alice:{ALICE_PASSWORD}@db/mlflow"
+    proc = run_cli([*QUICK, f"+trainer.callbacks=[{{_target_:secretcb.Fails,uri:'{uri}'}}]"], cwd=workdir,
+                   env_extra={"PYTHONPATH": str(mod)})
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "ConnectionError: could not reach postgresql://alice:***@db/mlflow" in proc.stderr
+    assert ALICE_PASSWORD not in proc.stdout + proc.stderr
+
+
+def test_report_refuses_an_unreachable_store_with_one_line(tmp_path):
+    port = _free_port()  # nothing listens there
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), "--experiment", "x", "--out", str(tmp_path),
+                           "--tracking-uri", f"http://bob:{ALICE_PASSWORD}@127.0.0.1:{port}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and f"127.0.0.1:{port}" in lines[0], proc.stderr[-2000:]
+    assert ALICE_PASSWORD not in proc.stdout + proc.stderr and "bob:***@" in lines[0]
 
 
 # ---------------------------------------------------------------- a server that goes away mid-run

@@ -96,7 +96,11 @@ def redact_files(folder: Path, pattern: str = "*.yaml") -> None:
             continue
         clean = redact(text)
         if clean != text:
-            path.write_text(clean)
+            # parallel jobs of one sweep may redact the same multirun.yaml at once: write a
+            # private copy and rename it over, so no reader ever sees a half-written file
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(clean)
+            os.replace(tmp, path)
 
 
 @contextlib.contextmanager
