@@ -79,7 +79,8 @@ def collect(client, parent_ids: List[str], series: List[str] = (), where: Dict[s
         if any(params.get(k) != v for k, v in (where or {}).items()):
             continue
         name = "/".join([params.get("dataset.name", "")] + [params.get(k, "?") for k in series])
-        row = {"run_id": r.info.run_id, "params": params, "mode": params["training.mode"], "dataset": name}
+        row = {"run_id": r.info.run_id, "params": params, "mode": params["training.mode"], "dataset": name,
+               "commit": r.data.tags.get("git_commit"), "n_test": r.data.metrics.get("test/n_images")}
         row.update({m: r.data.metrics.get(m, float("nan")) for m in SECTION8})
         rows.append(row)
     return rows
@@ -182,8 +183,32 @@ def figure(rows: List[Dict[str, Any]], axis: str, title: str):
     return fig
 
 
+def provenance(client, parent_ids: List[str], rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Where the numbers come from (model note, section 9): the sweeps' commands, the commits, the
+    test-set size, and one accuracy's standard error there."""
+    commands = []
+    for parent_id in parent_ids:
+        overrides = client.get_run(parent_id).data.tags.get("overrides", "")
+        commands.append(f"python run.py -m {overrides}".strip())
+    n_test = sorted({int(r["n_test"]) for r in rows if r.get("n_test")})
+    se = {n: 100 * math.sqrt(0.92 * 0.08 / n) for n in n_test}
+    return {"commands": commands, "commits": sorted({r["commit"] for r in rows if r.get("commit")}),
+            "n_test_images": n_test, "standard_error_at_92pct": se}
+
+
 def markdown(summary: Dict[str, Any], name: str) -> str:
     lines = [f"# {name}", "", f"Swept: {AXES[summary['axis']][0]}; accuracies in %, crossbar = mean over chips (min).", ""]
+    prov = summary.get("provenance")
+    if prov:
+        lines += [f"MLflow experiment `{name}`; sweeps (parent runs {', '.join(summary['parent_run_ids'])}):", ""]
+        lines += [f"    {c}" for c in prov["commands"]] + [""]
+        lines.append("Commit(s): " + (", ".join(f"`{c[:10]}`" for c in prov["commits"]) or "not recorded") + ".")
+        if prov["n_test_images"]:
+            lines.append("Test images per run: " + ", ".join(str(n) for n in prov["n_test_images"])
+                         + "; one accuracy's standard error near 92 %: "
+                         + ", ".join(f"{v:.2f} pt (n = {n})" for n, v in prov["standard_error_at_92pct"].items())
+                         + ". A difference below twice that is no measurable difference.")
+        lines.append("")
     arrays = any(j.get("crossbar_arrays") is not None for j in summary["jobs"])
     lines.append("| dataset | config | training | software | nominal xbar | xbar mean ± std | xbar min |"
                  + (" arrays |" if arrays else ""))
@@ -245,7 +270,7 @@ def main(argv=None) -> int:
     axis = swept_axis(rows)
     rows = dedupe(rows, axis)
     summary = summarise(rows, axis)
-    summary.update({"experiment": name, "parent_run_ids": parent_ids})
+    summary.update({"experiment": name, "parent_run_ids": parent_ids, "provenance": provenance(client, parent_ids, rows)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fig = figure(rows, axis, name)

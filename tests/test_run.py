@@ -76,6 +76,13 @@ def test_sweep_makes_parent_children_and_table(workdir):
     assert abs(summary["degradation"] - (summary["ideal_acc"] - summary["standard_xbar_acc"])) < 1e-9
     assert abs(summary["gap"] - (summary["ideal_acc"] - summary["tech_aware_xbar_acc"])) < 1e-9
     assert (out / "accuracy_vs_array.png").stat().st_size > 10_000 and (out / "report.md").exists()
+    # where the numbers come from (model note, section 9): command, commit, test-set size
+    prov = summary["provenance"]
+    assert prov["commands"] == [f"python run.py -m {parent.data.tags['overrides']}"]
+    assert prov["commits"] == sorted({r.data.tags["git_commit"] for r in children if "git_commit" in r.data.tags})
+    n_test = {int(r.data.metrics["test/n_images"]) for r in children}
+    assert prov["n_test_images"] == sorted(n_test) and all(n > 0 for n in n_test)
+    assert "python run.py -m" in (out / "report.md").read_text()
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.json", "report/report.md", "report/accuracy_vs_array.png"} <= logged
 

@@ -71,7 +71,7 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
         metrics, per_chip = evaluate_on_test(typed, model, data, device)
         if typed.objective.startswith("val/"):
             metrics.update(evaluate_on_val(typed, model, data, device))
-        log_results(run, typed, model, metrics, per_chip)
+        log_results(run, typed, model, metrics, per_chip, n_test=len(data.test))
         log_model(run, typed, model, torch.stack([data.train[i][0] for i in range(2)]))
     return metrics
 
@@ -275,10 +275,11 @@ def evaluate_on_val(typed: Config, model: torch.nn.Module, data: DataSplits, dev
 
 
 def log_results(run: "tracking.TrackedRun", typed: Config, model: torch.nn.Module,
-                metrics: Dict[str, float], per_chip: List[float]) -> None:
+                metrics: Dict[str, float], per_chip: List[float], n_test: int) -> None:
     """Metrics, the per-chip figure and the trained weights into the run; a summary line on stdout."""
     record = run.record
-    record.log_metrics(metrics)
+    # the test-set size sets every accuracy's standard error (model note, section 9)
+    record.log_metrics({**metrics, "test/n_images": float(n_test)})
     for i, acc in enumerate(per_chip):
         record.log_metrics({"test/acc_xbar_chip": acc}, step=i)
     tracking.log_figure(record, _chip_figure(per_chip, metrics), "chip_accuracy.png")
