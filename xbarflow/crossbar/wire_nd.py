@@ -131,49 +131,115 @@ def merge_schedule(rows: int, cols: int) -> tuple[int, int, list[Merge]]:
     return rp, cp, levels
 
 
-def _positions(m: Merge) -> tuple[list[int], list[int]]:
-    """Where the ports of the first (``a``: left / top) and second (``b``) child land in the
-    merged ``(p + s)`` node list ``[parent ports L, R, T, B | separator]``."""
-    h, w, p = m.h, m.w, m.ports
-    L, R, T, B = range(0, h), range(h, 2 * h), range(2 * h, 2 * h + w), range(2 * h + w, 2 * h + 2 * w)
-    del L, R, T, B  # child layout, for reference: [L (h), R (h), T (w), B (w)]
-    sep = [p + k for k in range(m.sep)]
-    if m.side:  # parent (h, 2w): L = a.L, R = b.R, T = [a.T, b.T], B = [a.B, b.B]
-        pa = list(range(h)) + sep + [2 * h + j for j in range(w)] + [2 * h + 2 * w + j for j in range(w)]
-        pb = sep + [h + i for i in range(h)] + [2 * h + w + j for j in range(w)] + [2 * h + 3 * w + j for j in range(w)]
-    else:  # parent (2h, w): L = [a.L, b.L], R = [a.R, b.R], T = a.T, B = b.B
-        pa = list(range(h)) + [2 * h + i for i in range(h)] + [4 * h + j for j in range(w)] + sep
-        pb = [h + i for i in range(h)] + [3 * h + i for i in range(h)] + sep + [4 * h + w + j for j in range(w)]
-    return pa, pb
+def _segments(m: Merge):
+    """Contiguous port ranges of the two children in the parent, and their separator ranges.
+
+    Returns ``(segs_a, sep_a, segs_b, sep_b)``: ``segs`` lists ``(child_slice, parent_slice)``
+    of the retained ports, ``sep`` the child's slice of separator ports. Child layout
+    ``[L (h), R (h), T (w), B (w)]``; parent layout the same for its own ``(h, 2w)`` (side)
+    or ``(2h, w)`` (stacked) size.
+    """
+    h, w = m.h, m.w
+    L, R, T, B = slice(0, h), slice(h, 2 * h), slice(2 * h, 2 * h + w), slice(2 * h + w, 2 * h + 2 * w)
+    if m.side:  # parent (h, 2w): L = a.L, R = b.R, T = [a.T, b.T], B = [a.B, b.B]; separator a.R = b.L
+        segs_a = [(L, slice(0, h)), (T, slice(2 * h, 2 * h + w)), (B, slice(2 * h + 2 * w, 2 * h + 3 * w))]
+        segs_b = [(R, slice(h, 2 * h)), (T, slice(2 * h + w, 2 * h + 2 * w)), (B, slice(2 * h + 3 * w, 2 * h + 4 * w))]
+        return segs_a, R, segs_b, L
+    # parent (2h, w): L = [a.L, b.L], R = [a.R, b.R], T = a.T, B = b.B; separator a.B = b.T
+    segs_a = [(L, slice(0, h)), (R, slice(2 * h, 3 * h)), (T, slice(4 * h, 4 * h + w))]
+    segs_b = [(L, slice(h, 2 * h)), (R, slice(3 * h, 4 * h)), (B, slice(4 * h + w, 4 * h + 2 * w))]
+    return segs_a, B, segs_b, T
 
 
-def _split_children(W: torch.Tensor, m: Merge, B: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocks ``(B * nbr * nbc, P, P)`` -> the two children of every parent, ``(N, P, P)`` each."""
+def _children(W: torch.Tensor, m: Merge, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the two children of every parent, ``(B, nbr', nbc', P, P)`` each (no copy)."""
     P = W.shape[-1]
     if m.side:
         V = W.view(B, m.nbr, m.nbc // 2, 2, P, P)
-        return V[:, :, :, 0].reshape(-1, P, P), V[:, :, :, 1].reshape(-1, P, P)
+        return V[:, :, :, 0], V[:, :, :, 1]
     V = W.view(B, m.nbr // 2, 2, m.nbc, P, P)
-    return V[:, :, 0].reshape(-1, P, P), V[:, :, 1].reshape(-1, P, P)
+    return V[:, :, 0], V[:, :, 1]
 
 
-def _join_children(Wa: torch.Tensor, Wb: torch.Tensor, m: Merge, B: int) -> torch.Tensor:
-    """Inverse of :func:`_split_children` (for the adjoints)."""
-    P = Wa.shape[-1]
-    if m.side:
-        out = torch.stack((Wa.view(B, m.nbr, m.nbc // 2, P, P), Wb.view(B, m.nbr, m.nbc // 2, P, P)), dim=3)
-    else:
-        out = torch.stack((Wa.view(B, m.nbr // 2, m.nbc, P, P), Wb.view(B, m.nbr // 2, m.nbc, P, P)), dim=2)
-    return out.reshape(-1, P, P)
+def _merge(W: torch.Tensor, m: Merge, B: int, only: tuple[slice, slice] | None = None):
+    """One level: blocks ``W`` ``(B * nbr * nbc, P, P)`` -> parents ``(B * nbr * nbc / 2, p, p)``.
+
+    Returns the parents' off-diagonals (diagonal zero), or with ``only = (rows, cols)`` just
+    that block, and ``(Lc, Y)`` for the adjoint.
+    """
+    a, b = _children(W, m, B)
+    segs_a, sep_a, segs_b, sep_b = _segments(m)
+    p, s = m.ports, m.sep
+    lead = a.shape[:3]
+    N = a.shape[0] * a.shape[1] * a.shape[2]
+    W_AC = W.new_zeros(*lead, p, s)
+    for c, segs, sep in ((a, segs_a, sep_a), (b, segs_b, sep_b)):
+        for cs, ps in segs:
+            W_AC[..., ps, :] = c[..., cs, sep]
+    W_CC = a[..., sep_a, sep_a] + b[..., sep_b, sep_b]
+    W_AC, W_CC = W_AC.view(N, p, s), W_CC.reshape(N, s, s)
+    d = W_AC.sum(1) + W_CC.sum(2)  # the separator's diagonal: a sum of positive terms
+    C = W_CC.neg()
+    C.diagonal(dim1=-2, dim2=-1).add_(d)
+    Lc = torch.linalg.cholesky(C)
+    Y = torch.linalg.solve_triangular(Lc, W_AC.mT, upper=False)  # L^-1 W_CA >= 0
+    if only is not None:
+        r, k = only
+        WS = (Y[:, :, r].mT @ Y[:, :, k]).view(*lead, r.stop - r.start, k.stop - k.start)
+        for c, segs in ((a, segs_a), (b, segs_b)):
+            for ci, pi in segs:
+                for cj, pj in segs:
+                    lo_i, hi_i = max(pi.start, r.start), min(pi.stop, r.stop)
+                    lo_j, hi_j = max(pj.start, k.start), min(pj.stop, k.stop)
+                    if lo_i < hi_i and lo_j < hi_j:
+                        WS[..., lo_i - r.start:hi_i - r.start, lo_j - k.start:hi_j - k.start] += c[
+                            ..., ci.start + lo_i - pi.start:ci.start + hi_i - pi.start,
+                            cj.start + lo_j - pj.start:cj.start + hi_j - pj.start]
+        return WS.view(N, *WS.shape[-2:]), (Lc, Y)
+    WS = torch.bmm(Y.mT, Y)
+    WV = WS.view(*lead, p, p)
+    for c, segs in ((a, segs_a), (b, segs_b)):
+        for ci, pi in segs:
+            for cj, pj in segs:
+                WV[..., pi, pj] += c[..., ci, cj]
+    WS.diagonal(dim1=-2, dim2=-1).zero_()  # not a variable: recomputed from W 1 where needed
+    return WS, (Lc, Y)
 
 
-def _edge_conductances(rp: int, cp: int, rows: int, cols: int, r_source: float, r_sink: float,
-                       r_wire: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _merge_grad(Wbar_S: torch.Tensor, m: Merge, B: int, Lc: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Adjoint of the children's off-diagonals ``(B * nbr * nbc, P, P)`` from the parents' ``Wbar_S``."""
+    p, s = m.ports, m.sep
+    F = Wbar_S + Wbar_S.mT
+    F.mul_(0.5)
+    F.diagonal(dim1=-2, dim2=-1).zero_()
+    X = torch.linalg.solve_triangular(Lc.mT, Y, upper=True)  # C^-1 W_CA, (N, s, p)
+    FX = torch.bmm(F, X.mT)  # (N, p, s)
+    Cbar = torch.bmm(X, FX).neg_()  # (N, s, s)
+    dbar = Cbar.diagonal(dim1=-2, dim2=-1).clone()
+    Wbar_AC = FX.mul_(2.0).add_(dbar[:, None, :])
+    Wbar_CC = Cbar.neg_().add_(dbar[:, :, None])
+    P = 2 * (m.h + m.w)
+    out = F.new_zeros(F.shape[0] * 2, P, P)
+    a, b = _children(out, m, B)
+    segs_a, sep_a, segs_b, sep_b = _segments(m)
+    lead = a.shape[:3]
+    Fv, ACv, CCv = F.view(*lead, p, p), Wbar_AC.view(*lead, p, s), Wbar_CC.view(*lead, s, s)
+    for c, segs, sep in ((a, segs_a, sep_a), (b, segs_b, sep_b)):
+        for ci, pi in segs:
+            for cj, pj in segs:
+                c[..., ci, cj] = Fv[..., pi, pj]
+            c[..., ci, sep] = ACv[..., pi, :]
+        c[..., sep, sep] = CCv
+    return out
+
+
+def _edge_conductances(rp: int, cp: int, r_source: float, r_sink: float, r_wire: float,
+                       dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Port conductances of every cell (S), ``(4, rp, cp)`` for ``[L, R, T, B]``.
 
     Half segments ``2 / r_wire`` inside; ``1 / r_source`` on the left edge, ``1 / r_sink`` on the
     bottom edge, 0 (open) on the right and top edges. The real cells occupy the last ``rows``
-    rows and first ``cols`` columns of the padded grid.
+    rows and first ``cols`` columns of the padded ``rp x cp`` grid.
     """
     g = torch.full((4, rp, cp), 2.0 / r_wire, dtype=dtype, device=device)
     g[0, :, 0] = 1.0 / r_source
@@ -183,103 +249,53 @@ def _edge_conductances(rp: int, cp: int, rows: int, cols: int, r_source: float, 
     return g
 
 
-def _leaf(G: torch.Tensor, g: torch.Tensor):
-    """Port off-diagonals of single cells, ``(N, 4, 4)``, and what the adjoint needs.
+def _leaf(G: torch.Tensor, gg: torch.Tensor, g: torch.Tensor):
+    """Port off-diagonals of single cells, ``(B, cells, 4, 4)``, and what the adjoint needs.
 
-    Cell: u joined to ports L, R (``gl, gr``), w to T, B (``gt, gb``), G between u and w.
-    Eliminating u and w (closed form, positive terms only): with ``gu = gl + gr``,
-    ``gw = gt + gb``, ``det = gu gw + G (gu + gw)``, the node impedances are
-    ``Muu = (gw + G) / det``, ``Mww = (gu + G) / det``, ``Muw = G / det``, and
+    ``G``: ``(B, cells)``; ``g``: port conductances ``(cells, 4)`` ``[gl, gr, gt, gb]``, ``gg``
+    their outer products with a zero diagonal ``(cells, 4, 4)``. Cell: u joined to ports
+    L, R, w to T, B, G between u and w. Eliminating u and w (closed form, positive terms
+    only): with ``gu = gl + gr``, ``gw = gt + gb``, ``det = gu gw + G (gu + gw)``, the node
+    impedances are ``Muu = (gw + G) / det``, ``Mww = (gu + G) / det``, ``Muw = G / det``, and
     ``W[p, q] = g_p g_q M[node(p), node(q)]``.
     """
-    gl, gr, gt, gb = g.unbind(-1)
-    gu, gw = gl + gr, gt + gb
+    gu, gw = g[:, 0] + g[:, 1], g[:, 2] + g[:, 3]
     det = gu * gw + G * (gu + gw)
     inv = 1.0 / det
-    Muu, Mww, Muw = (gw + G) * inv, (gu + G) * inv, G * inv
-    N = G.shape[0]
-    W = torch.empty(N, 4, 4, dtype=G.dtype, device=G.device)
-    W[:, 0, 1] = W[:, 1, 0] = gl * gr * Muu
-    W[:, 2, 3] = W[:, 3, 2] = gt * gb * Mww
-    for p, gp in ((0, gl), (1, gr)):
-        for q, gq in ((2, gt), (3, gb)):
-            W[:, p, q] = W[:, q, p] = gp * gq * Muw
-    W.diagonal(dim1=-2, dim2=-1).zero_()
+    M2 = torch.stack(((gw + G) * inv, G * inv, gu + G), dim=-1)  # Muu, Muw, Mww * det
+    M2[..., 2] *= inv
+    node = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 2, 2], [1, 1, 2, 2]], device=G.device)
+    W = M2[..., node] * gg
     return W, (gu, gw, inv)
 
 
 def _leaf_grad(Wbar: torch.Tensor, g: torch.Tensor, aux) -> torch.Tensor:
-    """Adjoint of G from that of the leaf off-diagonals ``Wbar`` ``(N, 4, 4)``.
+    """Adjoint of G ``(B, cells)`` from that of the leaf off-diagonals ``Wbar`` ``(B, cells, 4, 4)``.
 
     ``dMuu/dG = -gw^2 / det^2``, ``dMww/dG = -gu^2 / det^2``, ``dMuw/dG = gu gw / det^2``.
     """
     gu, gw, inv = aux
     gl, gr, gt, gb = g.unbind(-1)
     S = Wbar + Wbar.mT  # each off-diagonal pair once, counted for both entries
-    s_uu = S[:, 0, 1] * gl * gr
-    s_ww = S[:, 2, 3] * gt * gb
-    s_uw = (S[:, 0, 2] * gt + S[:, 0, 3] * gb) * gl + (S[:, 1, 2] * gt + S[:, 1, 3] * gb) * gr
+    s_uu = S[..., 0, 1] * (gl * gr)
+    s_ww = S[..., 2, 3] * (gt * gb)
+    s_uw = (S[..., 0, 2] * gt + S[..., 0, 3] * gb) * gl + (S[..., 1, 2] * gt + S[..., 1, 3] * gb) * gr
     return (gu * gw * s_uw - gw * gw * s_uu - gu * gu * s_ww) * inv * inv
 
 
-def _assemble(Wa: torch.Tensor, Wb: torch.Tensor, pa: torch.Tensor, pb: torch.Tensor, n: int) -> torch.Tensor:
-    """Merged off-diagonals ``(N, n, n)`` over ``[parent ports | separator]`` (separator rows summed)."""
-    M = Wa.new_zeros(Wa.shape[0], n, n)
-    M[:, pa[:, None], pa[None, :]] = Wa
-    M[:, pb[:, None], pb[None, :]] += Wb
-    return M
-
-
-def _eliminate(M: torch.Tensor, p: int, only: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """Schur complement of the separator (last ``s`` nodes) of off-diagonals ``M`` ``(N, p+s, p+s)``.
-
-    Returns the parent's off-diagonals ``W_S`` ``(N, p, p)`` (diagonal zero), or with
-    ``only = (rows, cols)`` just that block of it, and ``(Lc, Y)`` for the adjoint.
-    """
-    W_AC, W_CC = M[:, :p, p:], M[:, p:, p:]
-    d = W_AC.sum(1) + W_CC.sum(2)  # the separator's diagonal: a sum of positive terms
-    C = torch.diag_embed(d) - W_CC
-    Lc = torch.linalg.cholesky(C)
-    Y = torch.linalg.solve_triangular(Lc, W_AC.mT, upper=False)  # L^-1 W_CA >= 0
-    if only is not None:
-        r, c = only
-        WS = M[:, r[:, None], c[None, :]] + Y[:, :, r].mT @ Y[:, :, c]
-        return WS, (Lc, Y)
-    WS = M[:, :p, :p] + Y.mT @ Y
-    WS.diagonal(dim1=-2, dim2=-1).zero_()  # not a variable: recomputed from W 1 where needed
-    return WS, (Lc, Y)
-
-
-def _eliminate_grad(Wbar_S: torch.Tensor, Lc: torch.Tensor, Y: torch.Tensor, p: int) -> torch.Tensor:
-    """Adjoint of the merged off-diagonals ``M`` from that of ``W_S`` (see the module docstring)."""
-    s = Y.shape[1]
-    F = 0.5 * (Wbar_S + Wbar_S.mT)
-    F.diagonal(dim1=-2, dim2=-1).zero_()
-    X = torch.linalg.solve_triangular(Lc.mT, Y, upper=True)  # C^-1 W_CA, (N, s, p)
-    FX = F @ X.mT  # (N, p, s)
-    Cbar = -(X @ FX)  # (N, s, s)
-    dbar = Cbar.diagonal(dim1=-2, dim2=-1)
-    Mbar = F.new_zeros(F.shape[0], p + s, p + s)
-    Mbar[:, :p, :p] = F
-    Mbar[:, :p, p:] = (2.0 * FX).add_(dbar[:, None, :])
-    Mbar[:, p:, p:] = dbar[:, :, None] - Cbar
-    return Mbar
-
-
 class _Plan:
-    """Levels, padded sizes, index tensors and port conductances of one tile shape."""
+    """Levels, padded sizes and port conductances of one tile shape."""
 
     def __init__(self, rows, cols, r_source, r_sink, r_wire, dtype, device):
         self.rows, self.cols = rows, cols
         self.rp, self.cp, self.levels = merge_schedule(rows, cols)
-        self.g = _edge_conductances(self.rp, self.cp, rows, cols, r_source, r_sink, r_wire, dtype, device)
-        self.idx = []
-        for m in self.levels:
-            pa, pb = _positions(m)
-            self.idx.append((torch.tensor(pa, device=device), torch.tensor(pb, device=device)))
+        g = _edge_conductances(self.rp, self.cp, r_source, r_sink, r_wire, dtype, device)
+        self.g = g.permute(1, 2, 0).reshape(-1, 4)  # (cells, 4)
+        self.gg = self.g[:, :, None] * self.g[:, None, :]
+        self.gg.diagonal(dim1=-2, dim2=-1).zero_()
         # the final block's ports: L (sources) and B (sinks)
-        self.src = torch.arange(self.rp, device=device)
-        self.snk = torch.arange(2 * self.rp + self.cp, 2 * self.rp + 2 * self.cp, device=device)
+        self.src = slice(0, self.rp)
+        self.snk = slice(2 * self.rp + self.cp, 2 * self.rp + 2 * self.cp)
 
 
 def _forward(G: torch.Tensor, plan: _Plan, keep: bool):
@@ -287,36 +303,30 @@ def _forward(G: torch.Tensor, plan: _Plan, keep: bool):
     B, rows, cols = G.shape
     Gp = G.new_zeros(B, plan.rp, plan.cp)
     Gp[:, plan.rp - rows:, :cols] = G  # padding: top rows, right columns (open wire ends)
-    g = plan.g.permute(1, 2, 0).expand(B, -1, -1, -1).reshape(-1, 4)
-    W, leaf_aux = _leaf(Gp.reshape(-1), g)
+    W, leaf_aux = _leaf(Gp.view(B, -1), plan.gg, plan.g)
+    W = W.view(-1, 4, 4)
     saved = []
     nlev = len(plan.levels)
-    for k, (m, (pa, pb)) in enumerate(zip(plan.levels, plan.idx, strict=True)):
-        Wa, Wb = _split_children(W, m, B)
-        M = _assemble(Wa, Wb, pa, pb, m.ports + m.sep)
+    for k, m in enumerate(plan.levels):
         last = k == nlev - 1
-        W, state = _eliminate(M, m.ports, only=(plan.src, plan.snk) if last else None)
+        W, state = _merge(W, m, B, only=(plan.src, plan.snk) if last else None)
         if keep:
             saved.append(state)
     if nlev == 0:  # a single cell
-        W = W[:, plan.src[:, None], plan.snk[None, :]]
+        W = W[:, plan.src, plan.snk]
     T = W.view(B, plan.rp, plan.cp)[:, plan.rp - rows:, :cols]
-    return T, (saved, leaf_aux, g, B)
+    return T, (saved, leaf_aux)
 
 
 def _backward(Tbar: torch.Tensor, plan: _Plan, state) -> torch.Tensor:
-    saved, leaf_aux, g, B = state
-    rows, cols = plan.rows, plan.cols
-    Tp = Tbar.new_zeros(B, plan.rp, plan.cp)
-    Tp[:, plan.rp - rows:, :cols] = Tbar
-    levels = plan.levels
+    saved, leaf_aux = state
+    B, rows, cols = Tbar.shape
     P = 2 * (plan.rp + plan.cp)
     Wbar = Tbar.new_zeros(B, P, P)
-    Wbar[:, plan.src[:, None], plan.snk[None, :]] = Tp
-    for m, (pa, pb), (Lc, Y) in zip(reversed(levels), reversed(plan.idx), reversed(saved), strict=True):
-        Mbar = _eliminate_grad(Wbar, Lc, Y, m.ports)
-        Wbar = _join_children(Mbar[:, pa[:, None], pa[None, :]], Mbar[:, pb[:, None], pb[None, :]], m, B)
-    Gbar = _leaf_grad(Wbar, g, leaf_aux).view(B, plan.rp, plan.cp)
+    Wbar.view(B, P, P)[:, plan.src, plan.snk][:, plan.rp - rows:, :cols] = Tbar
+    for m, (Lc, Y) in zip(reversed(plan.levels), reversed(saved), strict=True):
+        Wbar = _merge_grad(Wbar, m, B, Lc, Y)
+    Gbar = _leaf_grad(Wbar.view(B, -1, 4, 4), plan.g, leaf_aux).view(B, plan.rp, plan.cp)
     return Gbar[:, plan.rp - rows:, :cols]
 
 
