@@ -151,86 +151,163 @@ def _segments(m: Merge):
     return segs_a, B, segs_b, T
 
 
-def _children(W: torch.Tensor, m: Merge, B: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of the two children of every parent, ``(B, nbr', nbc', P, P)`` each (no copy)."""
-    P = W.shape[-1]
-    if m.side:
-        V = W.view(B, m.nbr, m.nbc // 2, 2, P, P)
-        return V[:, :, :, 0], V[:, :, :, 1]
-    V = W.view(B, m.nbr // 2, 2, m.nbc, P, P)
-    return V[:, :, 0], V[:, :, 1]
+# Layouts. Blocks are numbered so that the two children of every parent are the two
+# halves of the block axis (see _cell_order): child a = first half, child b = second.
+# "blocks first" (N, P, P) feeds batched LAPACK and bmm; "blocks last" (P, P, N) makes every
+# port pair a contiguous vector over blocks, which is what the first levels need: their
+# blocks have 4..24 ports, and slicing such tiny matrices block by block (or calling
+# LAPACK per 1x1 or 2x2 matrix) is dominated by per-element overhead, not arithmetic.
+
+def _merge_last(W: torch.Tensor, m: Merge) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One level in the blocks-last layout: ``W`` ``(P, P, N)`` -> parents ``(p, p, N / 2)``.
+
+    The separator (``s <= 4`` nodes here) is factorised by an explicit Cholesky whose
+    every step is an element-wise operation over all blocks. Returns the parents'
+    off-diagonals (diagonal zero) and ``(Lc (s, s, n), Y (s, p, n))`` for the adjoint.
+    """
+    n = W.shape[-1] // 2
+    a, b = W[..., :n], W[..., n:]
+    segs_a, sep_a, segs_b, sep_b = _segments(m)
+    p, s = m.ports, m.sep
+    W_CA = W.new_zeros(s, p, n)
+    for c, segs, sep in ((a, segs_a, sep_a), (b, segs_b, sep_b)):
+        for cs, ps in segs:
+            W_CA[:, ps] = c[sep, cs]
+    W_CC = a[sep_a, sep_a] + b[sep_b, sep_b]
+    d = W_CA.sum(1) + W_CC.sum(1)  # the separator's diagonal: a sum of positive terms
+    Lc = W.new_zeros(s, s, n)
+    Y = torch.empty_like(W_CA)
+    for k in range(s):  # C = diag(d) - W_CC = Lc Lc^T; Y = Lc^-1 W_CA
+        piv = d[k] - (Lc[k, :k] ** 2).sum(0) if k else d[k]
+        Lc[k, k] = torch.sqrt(piv)
+        r = 1.0 / Lc[k, k]
+        for i in range(k + 1, s):
+            Lc[i, k] = (-W_CC[i, k] - (Lc[i, :k] * Lc[k, :k]).sum(0)) * r
+        yk = W_CA[k] - (Lc[k, :k, None] * Y[:k]).sum(0) if k else W_CA[k]
+        torch.mul(yk, r, out=Y[k])
+    WS = Y[0, :, None] * Y[0, None, :]
+    for k in range(1, s):
+        WS.addcmul_(Y[k, :, None], Y[k, None, :])
+    for c, segs in ((a, segs_a), (b, segs_b)):
+        for ci, pi in segs:
+            for cj, pj in segs:
+                WS[pi, pj] += c[ci, cj]
+    WS.diagonal(dim1=0, dim2=1).zero_()  # not a variable: recomputed from W 1 where needed
+    return WS, (Lc, Y)
 
 
-def _merge(W: torch.Tensor, m: Merge, B: int, only: tuple[slice, slice] | None = None):
-    """One level: blocks ``W`` ``(B * nbr * nbc, P, P)`` -> parents ``(B * nbr * nbc / 2, p, p)``.
+def _merge_last_grad(Wbar_S: torch.Tensor, m: Merge, Lc: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Adjoint of the children's off-diagonals ``(P, P, N)`` from the parents' ``Wbar_S`` ``(p, p, n)``."""
+    p, s = m.ports, m.sep
+    F = Wbar_S + Wbar_S.transpose(0, 1)
+    F.mul_(0.5)
+    F.diagonal(dim1=0, dim2=1).zero_()
+    X = torch.empty_like(Y)
+    for k in range(s - 1, -1, -1):  # X = Lc^-T Y = C^-1 W_CA
+        xk = Y[k] - (Lc[k + 1:, k, None] * X[k + 1:]).sum(0) if k < s - 1 else Y[k]
+        torch.div(xk, Lc[k, k], out=X[k])
+    FX = torch.stack([(F * X[k, None, :]).sum(1) for k in range(s)])  # (F X^T)^T, (s, p, n)
+    Cbar = -torch.stack([(X[k, None] * FX).sum(1) for k in range(s)])  # -(X F X^T), (s, s, n)
+    dbar = Cbar.diagonal(dim1=0, dim2=1).T.clone()  # (s, n)
+    Wbar_CA = FX.mul_(2.0).add_(dbar[:, None, :])
+    Wbar_CC = Cbar.neg_().add_(dbar[:, None, :])  # Wbar_CC[i, k] = dbar_k - Cbar_ik (transposed: symmetric use)
+    P = 2 * (m.h + m.w)
+    n = F.shape[-1]
+    out = F.new_zeros(P, P, 2 * n)
+    a, b = out[..., :n], out[..., n:]
+    segs_a, sep_a, segs_b, sep_b = _segments(m)
+    for c, segs, sep in ((a, segs_a, sep_a), (b, segs_b, sep_b)):
+        for ci, pi in segs:
+            for cj, pj in segs:
+                c[ci, cj] = F[pi, pj]
+            c[sep, ci] = Wbar_CA[:, pi]
+        c[sep, sep] = Wbar_CC
+    return out
+
+
+def _merge_first(W: torch.Tensor, m: Merge, only: tuple[slice, slice] | None = None):
+    """One level in the blocks-first layout: ``W`` ``(N, P, P)`` -> parents ``(N / 2, p, p)``.
 
     Returns the parents' off-diagonals (diagonal zero), or with ``only = (rows, cols)`` just
     that block, and ``(Lc, Y)`` for the adjoint.
     """
-    a, b = _children(W, m, B)
+    n = W.shape[0] // 2
+    a, b = W[:n], W[n:]
     segs_a, sep_a, segs_b, sep_b = _segments(m)
     p, s = m.ports, m.sep
-    lead = a.shape[:3]
-    N = a.shape[0] * a.shape[1] * a.shape[2]
-    W_AC = W.new_zeros(*lead, p, s)
+    W_AC = W.new_zeros(n, p, s)
     for c, segs, sep in ((a, segs_a, sep_a), (b, segs_b, sep_b)):
         for cs, ps in segs:
-            W_AC[..., ps, :] = c[..., cs, sep]
-    W_CC = a[..., sep_a, sep_a] + b[..., sep_b, sep_b]
-    W_AC, W_CC = W_AC.view(N, p, s), W_CC.reshape(N, s, s)
+            W_AC[:, ps, :] = c[:, cs, sep]
+    W_CC = a[:, sep_a, sep_a] + b[:, sep_b, sep_b]
     d = W_AC.sum(1) + W_CC.sum(2)  # the separator's diagonal: a sum of positive terms
-    C = W_CC.neg()
+    C = W_CC.neg_()
     C.diagonal(dim1=-2, dim2=-1).add_(d)
     Lc = torch.linalg.cholesky(C)
     Y = torch.linalg.solve_triangular(Lc, W_AC.mT, upper=False)  # L^-1 W_CA >= 0
     if only is not None:
         r, k = only
-        WS = (Y[:, :, r].mT @ Y[:, :, k]).view(*lead, r.stop - r.start, k.stop - k.start)
+        WS = Y[:, :, r].mT @ Y[:, :, k]
         for c, segs in ((a, segs_a), (b, segs_b)):
             for ci, pi in segs:
                 for cj, pj in segs:
                     lo_i, hi_i = max(pi.start, r.start), min(pi.stop, r.stop)
                     lo_j, hi_j = max(pj.start, k.start), min(pj.stop, k.stop)
                     if lo_i < hi_i and lo_j < hi_j:
-                        WS[..., lo_i - r.start:hi_i - r.start, lo_j - k.start:hi_j - k.start] += c[
-                            ..., ci.start + lo_i - pi.start:ci.start + hi_i - pi.start,
+                        WS[:, lo_i - r.start:hi_i - r.start, lo_j - k.start:hi_j - k.start] += c[
+                            :, ci.start + lo_i - pi.start:ci.start + hi_i - pi.start,
                             cj.start + lo_j - pj.start:cj.start + hi_j - pj.start]
-        return WS.view(N, *WS.shape[-2:]), (Lc, Y)
+        return WS, (Lc, Y)
     WS = torch.bmm(Y.mT, Y)
-    WV = WS.view(*lead, p, p)
     for c, segs in ((a, segs_a), (b, segs_b)):
         for ci, pi in segs:
             for cj, pj in segs:
-                WV[..., pi, pj] += c[..., ci, cj]
+                WS[:, pi, pj] += c[:, ci, cj]
     WS.diagonal(dim1=-2, dim2=-1).zero_()  # not a variable: recomputed from W 1 where needed
     return WS, (Lc, Y)
 
 
-def _merge_grad(Wbar_S: torch.Tensor, m: Merge, B: int, Lc: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """Adjoint of the children's off-diagonals ``(B * nbr * nbc, P, P)`` from the parents' ``Wbar_S``."""
-    p, s = m.ports, m.sep
+def _merge_first_grad(Wbar_S: torch.Tensor, m: Merge, Lc: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Adjoint of the children's off-diagonals ``(N, P, P)`` from the parents' ``Wbar_S`` ``(n, p, p)``."""
     F = Wbar_S + Wbar_S.mT
     F.mul_(0.5)
     F.diagonal(dim1=-2, dim2=-1).zero_()
-    X = torch.linalg.solve_triangular(Lc.mT, Y, upper=True)  # C^-1 W_CA, (N, s, p)
-    FX = torch.bmm(F, X.mT)  # (N, p, s)
-    Cbar = torch.bmm(X, FX).neg_()  # (N, s, s)
+    X = torch.linalg.solve_triangular(Lc.mT, Y, upper=True)  # C^-1 W_CA, (n, s, p)
+    FX = torch.bmm(F, X.mT)  # (n, p, s)
+    Cbar = torch.bmm(X, FX).neg_()  # (n, s, s)
     dbar = Cbar.diagonal(dim1=-2, dim2=-1).clone()
     Wbar_AC = FX.mul_(2.0).add_(dbar[:, None, :])
     Wbar_CC = Cbar.neg_().add_(dbar[:, :, None])
     P = 2 * (m.h + m.w)
-    out = F.new_zeros(F.shape[0] * 2, P, P)
-    a, b = _children(out, m, B)
+    n = F.shape[0]
+    out = F.new_zeros(2 * n, P, P)
+    a, b = out[:n], out[n:]
     segs_a, sep_a, segs_b, sep_b = _segments(m)
-    lead = a.shape[:3]
-    Fv, ACv, CCv = F.view(*lead, p, p), Wbar_AC.view(*lead, p, s), Wbar_CC.view(*lead, s, s)
     for c, segs, sep in ((a, segs_a, sep_a), (b, segs_b, sep_b)):
         for ci, pi in segs:
             for cj, pj in segs:
-                c[..., ci, cj] = Fv[..., pi, pj]
-            c[..., ci, sep] = ACv[..., pi, :]
-        c[..., sep, sep] = CCv
+                c[:, ci, cj] = F[:, pi, pj]
+            c[:, ci, sep] = Wbar_AC[:, pi, :]
+        c[:, sep, sep] = Wbar_CC
     return out
+
+
+def _cell_order(rp: int, cp: int, levels: list[Merge]) -> list[int]:
+    """Permutation of the dims of ``x.view(*[2] * (log2 rp + log2 cp), ...)`` (row bits, then
+    column bits, most significant first) that puts the bit merged at level 1 most significant,
+    then level 2's, ...: then at every level the two children are the two halves of the
+    block axis, and the parents keep that order for the next level."""
+    a = rp.bit_length() - 1
+    used_r = used_c = 0
+    order = []
+    for m in levels:
+        if m.side:
+            order.append(a + (cp.bit_length() - 1) - 1 - used_c)
+            used_c += 1
+        else:
+            order.append(a - 1 - used_r)
+            used_r += 1
+    return order
 
 
 def _edge_conductances(rp: int, cp: int, r_source: float, r_sink: float, r_wire: float,
@@ -249,72 +326,104 @@ def _edge_conductances(rp: int, cp: int, r_source: float, r_sink: float, r_wire:
     return g
 
 
-def _leaf(G: torch.Tensor, gg: torch.Tensor, g: torch.Tensor):
-    """Port off-diagonals of single cells, ``(B, cells, 4, 4)``, and what the adjoint needs.
+_NODE = [[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 2, 2], [1, 1, 2, 2]]
 
-    ``G``: ``(B, cells)``; ``g``: port conductances ``(cells, 4)`` ``[gl, gr, gt, gb]``, ``gg``
-    their outer products with a zero diagonal ``(cells, 4, 4)``. Cell: u joined to ports
+
+def _leaf(G: torch.Tensor, gg: torch.Tensor, g: torch.Tensor):
+    """Port off-diagonals of single cells, blocks last ``(4, 4, cells, B)``, and what the adjoint needs.
+
+    ``G``: ``(cells, B)``; ``g``: port conductances ``(4, cells, 1)`` ``[gl, gr, gt, gb]``, ``gg``
+    their outer products with a zero diagonal ``(4, 4, cells, 1)``. Cell: u joined to ports
     L, R, w to T, B, G between u and w. Eliminating u and w (closed form, positive terms
     only): with ``gu = gl + gr``, ``gw = gt + gb``, ``det = gu gw + G (gu + gw)``, the node
     impedances are ``Muu = (gw + G) / det``, ``Mww = (gu + G) / det``, ``Muw = G / det``, and
     ``W[p, q] = g_p g_q M[node(p), node(q)]``.
     """
-    gu, gw = g[:, 0] + g[:, 1], g[:, 2] + g[:, 3]
+    gu, gw = g[0] + g[1], g[2] + g[3]
     det = gu * gw + G * (gu + gw)
     inv = 1.0 / det
-    M2 = torch.stack(((gw + G) * inv, G * inv, gu + G), dim=-1)  # Muu, Muw, Mww * det
-    M2[..., 2] *= inv
-    node = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 2, 2], [1, 1, 2, 2]], device=G.device)
-    W = M2[..., node] * gg
+    M3 = torch.stack(((gw + G) * inv, G * inv, (gu + G) * inv))  # Muu, Muw, Mww
+    node = torch.tensor(_NODE, device=G.device)
+    W = M3[node] * gg
     return W, (gu, gw, inv)
 
 
 def _leaf_grad(Wbar: torch.Tensor, g: torch.Tensor, aux) -> torch.Tensor:
-    """Adjoint of G ``(B, cells)`` from that of the leaf off-diagonals ``Wbar`` ``(B, cells, 4, 4)``.
+    """Adjoint of G ``(cells, B)`` from that of the leaf off-diagonals ``Wbar`` ``(4, 4, cells, B)``.
 
     ``dMuu/dG = -gw^2 / det^2``, ``dMww/dG = -gu^2 / det^2``, ``dMuw/dG = gu gw / det^2``.
     """
     gu, gw, inv = aux
-    gl, gr, gt, gb = g.unbind(-1)
-    S = Wbar + Wbar.mT  # each off-diagonal pair once, counted for both entries
-    s_uu = S[..., 0, 1] * (gl * gr)
-    s_ww = S[..., 2, 3] * (gt * gb)
-    s_uw = (S[..., 0, 2] * gt + S[..., 0, 3] * gb) * gl + (S[..., 1, 2] * gt + S[..., 1, 3] * gb) * gr
+    gl, gr, gt, gb = g
+    S = Wbar + Wbar.transpose(0, 1)  # each off-diagonal pair once, counted for both entries
+    s_uu = S[0, 1] * (gl * gr)
+    s_ww = S[2, 3] * (gt * gb)
+    s_uw = (S[0, 2] * gt + S[0, 3] * gb) * gl + (S[1, 2] * gt + S[1, 3] * gb) * gr
     return (gu * gw * s_uw - gw * gw * s_uu - gu * gu * s_ww) * inv * inv
 
 
+# Levels whose separator has at most this many nodes run in the blocks-last layout.
+BLOCKS_LAST_MAX_SEP = 4
+
+
 class _Plan:
-    """Levels, padded sizes and port conductances of one tile shape."""
+    """Levels, padded sizes, cell order and port conductances of one tile shape."""
 
     def __init__(self, rows, cols, r_source, r_sink, r_wire, dtype, device):
         self.rows, self.cols = rows, cols
         self.rp, self.cp, self.levels = merge_schedule(rows, cols)
+        self.bits = (self.rp.bit_length() - 1) + (self.cp.bit_length() - 1)
+        self.order = _cell_order(self.rp, self.cp, self.levels)
         g = _edge_conductances(self.rp, self.cp, r_source, r_sink, r_wire, dtype, device)
-        self.g = g.permute(1, 2, 0).reshape(-1, 4)  # (cells, 4)
-        self.gg = self.g[:, :, None] * self.g[:, None, :]
-        self.gg.diagonal(dim1=-2, dim2=-1).zero_()
+        self.g = self.to_cells(g.unsqueeze(-1))  # (4, cells, 1)
+        self.gg = self.g[:, None] * self.g[None, :]
+        self.gg.diagonal(dim1=0, dim2=1).zero_()
+        self.n_last = sum(1 for m in self.levels if m.sep <= max(1, BLOCKS_LAST_MAX_SEP))
         # the final block's ports: L (sources) and B (sinks)
         self.src = slice(0, self.rp)
         self.snk = slice(2 * self.rp + self.cp, 2 * self.rp + 2 * self.cp)
+
+    def to_cells(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., rp, cp, B)`` -> ``(..., cells, B)`` in merge order."""
+        lead = x.shape[:-3]
+        k = len(lead)
+        x = x.reshape(*lead, *([2] * self.bits), x.shape[-1])
+        perm = list(range(k)) + [k + i for i in self.order] + [k + self.bits]
+        return x.permute(perm).reshape(*lead, -1, x.shape[-1])
+
+    def from_cells(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_cells` for ``(cells, B)`` -> ``(rp, cp, B)``."""
+        B = x.shape[-1]
+        x = x.reshape(*([2] * self.bits), B)
+        inv = [0] * self.bits
+        for pos, dim in enumerate(self.order):
+            inv[dim] = pos
+        return x.permute(inv + [self.bits]).reshape(self.rp, self.cp, B)
 
 
 def _forward(G: torch.Tensor, plan: _Plan, keep: bool):
     """T of ``(B, rows, cols)`` tiles; with ``keep`` the per-level ``(Lc, Y)`` for the adjoint."""
     B, rows, cols = G.shape
-    Gp = G.new_zeros(B, plan.rp, plan.cp)
-    Gp[:, plan.rp - rows:, :cols] = G  # padding: top rows, right columns (open wire ends)
-    W, leaf_aux = _leaf(Gp.view(B, -1), plan.gg, plan.g)
-    W = W.view(-1, 4, 4)
+    Gp = G.new_zeros(plan.rp, plan.cp, B)
+    Gp[plan.rp - rows:, :cols] = G.permute(1, 2, 0)  # padding: top rows, right columns (open ends)
+    W, leaf_aux = _leaf(plan.to_cells(Gp), plan.gg, plan.g)
+    W = W.view(4, 4, -1)
     saved = []
     nlev = len(plan.levels)
     for k, m in enumerate(plan.levels):
-        last = k == nlev - 1
-        W, state = _merge(W, m, B, only=(plan.src, plan.snk) if last else None)
+        if k < plan.n_last:
+            W, state = _merge_last(W, m)
+            if k == plan.n_last - 1 and k < nlev - 1:
+                W = W.permute(2, 0, 1).contiguous()  # to blocks first for LAPACK and bmm
+        else:
+            W, state = _merge_first(W, m, only=(plan.src, plan.snk) if k == nlev - 1 else None)
         if keep:
             saved.append(state)
-    if nlev == 0:  # a single cell
-        W = W[:, plan.src, plan.snk]
-    T = W.view(B, plan.rp, plan.cp)[:, plan.rp - rows:, :cols]
+    if plan.n_last == nlev:  # blocks last to the end (small tiles): the top block is (P, P, B)
+        T = W[plan.src, plan.snk].permute(2, 0, 1)
+    else:
+        T = W
+    T = T.reshape(B, plan.rp, plan.cp)[:, plan.rp - rows:, :cols]
     return T, (saved, leaf_aux)
 
 
@@ -322,12 +431,23 @@ def _backward(Tbar: torch.Tensor, plan: _Plan, state) -> torch.Tensor:
     saved, leaf_aux = state
     B, rows, cols = Tbar.shape
     P = 2 * (plan.rp + plan.cp)
-    Wbar = Tbar.new_zeros(B, P, P)
-    Wbar.view(B, P, P)[:, plan.src, plan.snk][:, plan.rp - rows:, :cols] = Tbar
-    for m, (Lc, Y) in zip(reversed(plan.levels), reversed(saved), strict=True):
-        Wbar = _merge_grad(Wbar, m, B, Lc, Y)
-    Gbar = _leaf_grad(Wbar.view(B, -1, 4, 4), plan.g, leaf_aux).view(B, plan.rp, plan.cp)
-    return Gbar[:, plan.rp - rows:, :cols]
+    nlev = len(plan.levels)
+    if plan.n_last == nlev:
+        Wbar = Tbar.new_zeros(P, P, B)
+        Wbar[plan.src, plan.snk][plan.rp - rows:, :cols] = Tbar.permute(1, 2, 0)
+    else:
+        Wbar = Tbar.new_zeros(B, P, P)
+        Wbar[:, plan.src, plan.snk][:, plan.rp - rows:, :cols] = Tbar
+    for k in range(nlev - 1, -1, -1):
+        m, (Lc, Y) = plan.levels[k], saved[k]
+        if k < plan.n_last:
+            if k == plan.n_last - 1 and k < nlev - 1:
+                Wbar = Wbar.permute(1, 2, 0).contiguous()
+            Wbar = _merge_last_grad(Wbar, m, Lc, Y)
+        else:
+            Wbar = _merge_first_grad(Wbar, m, Lc, Y)
+    Gbar = _leaf_grad(Wbar.view(4, 4, -1, B), plan.g, leaf_aux)
+    return plan.from_cells(Gbar).permute(2, 0, 1)[:, plan.rp - rows:, :cols]
 
 
 class _WireND(torch.autograd.Function):
