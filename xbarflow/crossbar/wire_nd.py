@@ -198,7 +198,7 @@ def _merge_last(W: torch.Tensor, m: Merge) -> tuple[torch.Tensor, tuple[torch.Te
 
 def _merge_last_grad(Wbar_S: torch.Tensor, m: Merge, Lc: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """Adjoint of the children's off-diagonals ``(P, P, N)`` from the parents' ``Wbar_S`` ``(p, p, n)``."""
-    p, s = m.ports, m.sep
+    s = m.sep
     F = Wbar_S + Wbar_S.transpose(0, 1)
     F.mul_(0.5)
     F.diagonal(dim1=0, dim2=1).zero_()
