@@ -143,3 +143,29 @@ def test_matches_ngspice(tmp_path, r_source, r_sink, r_wire):
     T = transfer_matrix_wire_nd(torch.tensor(G), r_source=r_source, r_sink=r_sink, r_wire=r_wire).numpy()
     ref = _ngspice_transfer(G, r_source, r_sink, r_wire, str(tmp_path))
     assert _rel_err(T, ref) <= 1e-6
+
+
+def test_transfer_matrix_dispatch(monkeypatch):
+    from xbarflow.crossbar import circuit, wire, wire_nd
+
+    rng = np.random.default_rng(15)
+    G = torch.tensor(_G(rng, 2, 12, 9))  # rows >= cols: the sweep does not call itself (reciprocity)
+    kw = dict(r_source=1e3, r_sink=1e3, r_wire=2.5)
+    used = []
+    monkeypatch.setattr(wire, "transfer_matrix_wire", lambda *a, **k: used.append("sweep") or transfer_matrix_wire(*a, **k))
+    monkeypatch.setattr(wire_nd, "transfer_matrix_wire_nd",
+                        lambda *a, **k: used.append("nested") or transfer_matrix_wire_nd(*a, **k))
+    T_sweep = transfer_matrix(G, **kw, wire_solver="sweep")
+    T_nested = transfer_matrix(G, **kw, wire_solver="nested")
+    assert _rel_err(T_nested.numpy(), T_sweep.numpy()) <= 1e-12
+    transfer_matrix(G, **kw)  # auto, tiles below WIRE_ND_MIN_SIZE: the sweep
+    monkeypatch.setattr(circuit, "WIRE_ND_MIN_SIZE", 8)
+    transfer_matrix(G, **kw)  # auto, both sides >= 8: nested dissection
+    transfer_matrix(G, r_source=0.0, r_sink=1e3, r_wire=2.5)  # auto, pinned sources: the sweep
+    monkeypatch.setattr(circuit, "WIRE_SOLVER", "nested")
+    transfer_matrix(G, **kw)  # the module default
+    assert used == ["sweep", "nested", "sweep", "nested", "sweep", "nested"]
+    with pytest.raises(ValueError, match="r_source > 0"):
+        transfer_matrix(G, r_source=0.0, r_sink=1e3, r_wire=2.5, wire_solver="nested")
+    with pytest.raises(ValueError, match="wire_solver"):
+        transfer_matrix(G, **kw, wire_solver="fast")

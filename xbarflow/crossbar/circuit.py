@@ -235,12 +235,13 @@ class _TransferCols(torch.autograd.Function):
 
 # Which exact solver handles r_wire > 0: "sweep" (xbarflow.crossbar.wire, the reference,
 # ~14 n^4 flops per n x n tile), "nested" (xbarflow.crossbar.wire_nd, nested dissection,
-# ~O(n^3) but memory-bound per level in eager PyTorch), or "auto": nested dissection where it
-# was measured faster (both tile sides >= WIRE_ND_MIN_SIZE and r_source, r_sink > 0), else the
-# sweep. Measured with scripts/bench_wire_nd.py (1 CPU thread, float32): nested is slower at
-# 64x64 (x0.3-0.6 forward + backward), faster at 128x128 (x1.5) and 256x256 (x4.5).
+# ~215 n^3 flops but memory-bound per level in eager PyTorch), or "auto": nested dissection
+# where it was measured faster (both tile sides >= WIRE_ND_MIN_SIZE, r_source > 0 and
+# r_sink > 0), else the sweep. Measured with scripts/bench_wire_nd.py (1 CPU thread, float32,
+# TAT step of the FCN 784-500-10, batch 128): 64x64 tiles sweep 1.16 s / nested 3.22 s,
+# 128x128 2.99 s / 3.60 s, 256x256 20.8 s / 4.78 s. Hence 256.
 WIRE_SOLVER = "auto"
-WIRE_ND_MIN_SIZE = 128
+WIRE_ND_MIN_SIZE = 256
 
 
 def _use_nested(rows: int, cols: int, r_source: float, r_sink: float, wire_solver: str) -> bool:

@@ -25,7 +25,7 @@ admittance** onto these ports, the Schur complement of its nodal matrix.
 **Representation that keeps float32 exact.** The wire conductance (``2 / r_wire``,
 ~1 S) is 10^4 - 10^5 times a cell's (~1e-5 S), and in an ordinary nodal matrix the
 diagonal (~1 S) then carries the devices' currents only in its last digits: float32
-rounding of the diagonal alone is a spurious leak of ~1e-3 of a cell. So a block's
+rounding of the diagonal alone is a spurious leak of ~6e-8 S (an estimate: ~1e-3 of a cell). So a block's
 admittance is stored as its *off-diagonal conductances* ``W >= 0`` (``W[k, k] = 0``);
 the network is floating (no element to ground except through ports), so its Laplacian
 is ``diag(W 1) - W`` and the diagonal is always *recomputed as a sum of positive
@@ -45,20 +45,32 @@ the cells. float32 results agree with float64 to ~1e-6 (see ``tests/test_wire_nd
 column node w with T and B, G between u and w) eliminated in closed form, all cells
 of all tiles in one batch of element-wise operations. (2) Levels merge neighbouring
 blocks in pairs, alternately side by side (eliminating the ``h`` shared row-wire
-midpoints) and stacked (the ``w`` column-wire midpoints), keeping blocks square;
-every level is *one* batched assembly, one batched Cholesky, one batched triangular
-solve and one batched product over all blocks of all tiles. (3) After the last level
-only ports remain: ``L`` are the sources and ``B`` the grounded sink ends, so the
-current into sink j per volt at source i is exactly the off-diagonal conductance
-between them: ``T = W[L, B]``. Tiles are padded to power-of-two cell counts with
-cells of conductance 0 at the top (beyond the open end of the column wires) and on
-the right (beyond the open end of the row wires); such cells carry no current, so the
-padding is exact, and T is cropped.
+midpoints) and stacked (the ``w`` column-wire midpoints), keeping blocks square.
+Blocks are numbered so that the two children of every parent are the two halves of
+the block axis (:meth:`_Plan.to_cells`), so a level reads both children without any
+gather. Every level is one batched operation per step over all blocks of all tiles:
+the first levels (separators of at most :data:`BLOCKS_LAST_MAX_SEP` nodes) in a
+blocks-last layout ``(P, P, blocks)`` with an explicit element-wise Cholesky (LAPACK
+per 1x1 or 2x2 matrix and slicing tiny matrices block by block are all overhead),
+the others blocks-first ``(blocks, P, P)`` with one batched Cholesky, one batched
+triangular solve and one batched product. (3) After the last level only ports
+remain: ``L`` are the sources and ``B`` the grounded sink ends, so the current into
+sink j per volt at source i is exactly the off-diagonal conductance between them:
+``T = W[L, B]``. Tiles are padded to power-of-two cell counts with cells of
+conductance 0 at the top (beyond the open end of the column wires) and on the right
+(beyond the open end of the row wires); such cells carry no current, so the padding
+is exact, and T is cropped.
 
 **Cost** of a merge with ``s`` separator nodes and ``p`` parent ports: Cholesky
-``s^3 / 3``, solve ``s^2 p``, product ``2 p^2 s`` flops; over the levels ~``45 n^3``
-for an ``n x n`` tile forward (``nd_flops`` in ``scripts/bench_wire_nd.py`` counts it
-exactly); the last level computes only the ``L x B`` block it needs.
+``s^3 / 3``, solve ``s^2 p``, product ``2 p^2 s`` flops (the last level forms only the
+``L x B`` block, ``2 rows cols s``). Counted exactly by ``nd_flops`` in
+``scripts/bench_wire_nd.py``: ~``80 n^3`` forward and ~``215 n^3`` forward + backward per
+``n x n`` tile (21 / 55 MFLOP at 64x64, against the sweep's 84 / 233; 1.4 / 3.6 GFLOP
+at 256x256 against 39 / 77). But every level reads and writes the blocks' port
+matrices, ~18 floats per cell whatever the level, and the first levels do only a few
+flops per byte: in eager PyTorch on a CPU the 12 levels of a 64x64 tile are memory
+bound, and this solver is *slower* than the sweep there (measured in
+``scripts/bench_wire_nd.py --levels``); it is faster from 128x128 tiles on.
 
 **Gradient** (hand-written): for one merge, with ``X = C^-1 W_CA`` (``s x p``) and
 ``F = sym(Wbar_S)`` (diagonal zeroed: it is not a variable),
@@ -69,8 +81,10 @@ exactly); the last level computes only the ``L x B`` block it needs.
 (``dbar`` is the adjoint of the recomputed diagonal), scattered back to the two
 children; at the leaves ``dW / dG`` is closed form. **Stored for the backward**: per
 level the Cholesky factor (``s x s``) and ``Y = L^-1 W_CA`` (``s x p``) of every
-block, about ``3`` floats per cell and level (~``12 * 3 * rows * cols`` floats per
-64x64 tile, 0.6 MB), and the padded G; ``X = L^-T Y`` is recomputed (``s^2 p``).
+parent block, 51 floats per cell over all levels of a 64x64 tile (0.8 MB per tile in
+float32; 68 per cell, 17 MB, at 256x256), and the leaves' ``det`` (one per cell);
+``X = L^-T Y`` is recomputed (``s^2 p``). A second backward through a retained graph
+reuses them.
 
 Limitations: ``r_source > 0``, ``r_sink > 0`` and ``r_wire > 0`` (a zero resistance
 pins a node: the port admittance would be infinite); the sweep handles those cases,
