@@ -1,7 +1,8 @@
 """Nested dissection (xbarflow.crossbar.wire_nd) against the column sweep (xbarflow.crossbar.wire).
 
-Measured side by side in one process, float32, on this machine's torch threads (run with
-``OMP_NUM_THREADS=1`` for the numbers in the README of issue 14): each repeat times all four
+Measured side by side in one process, float32, on this machine's torch threads (the numbers
+quoted in ``xbarflow/crossbar/circuit.py`` were taken with ``OMP_NUM_THREADS=1`` on a shared
+2-core machine under load): each repeat times all four
 (sweep / nested, forward / forward + backward) in turn, and the table gives medians and
 ratios (sweep time / nested time: > 1 means nested dissection is faster).
 
