@@ -172,6 +172,21 @@ def test_init_from_good_weights_and_a_lightning_checkpoint(workdir):
         assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_init_from_weights_trained_on_another_tile_size(workdir):
+    """Technology-aware fine-tuning of a network trained on other tiles: its per-tile converter
+    ranges do not apply and are calibrated again; the weights load."""
+    adc = ["experiment=smoke", "dataset=digits", "nonideality.adc=true", "xbar.adc_range_mode=calibrated"]
+    first = run_cli([*adc, "xbar.size=16", f"hydra.run.dir={workdir / 'first'}"], cwd=workdir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    import torch
+
+    state = torch.load(workdir / "first" / "weights.pt", weights_only=True)
+    assert any(k.endswith("log_adc_range") for k in state)  # per-tile ranges of 16x16 tiles
+    proc = run_cli([*adc, "xbar.size=32", "training=tech_aware", "xbar.adc_range_mode=learned",
+                    f"training.init_from={workdir / 'first' / 'weights.pt'}"], cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("sweep", [False, True])
 def test_device_yaml_with_a_syntax_error(workdir, tmp_path_factory, sweep):
     extra = tmp_path_factory.mktemp("userconf")

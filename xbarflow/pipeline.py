@@ -96,8 +96,8 @@ def build_crossbar_model(typed: Config, data: DataSplits, start_dir: Optional[st
 def load_initial_weights(model: torch.nn.Module, path: str, start_dir: Optional[str] = None) -> None:
     """Load ``weights.pt`` of an earlier run, a plain model's state_dict or a Lightning checkpoint.
 
-    Crossbar-only parameters absent from the file (column gains, converter ranges) keep their
-    initial values.
+    Crossbar-only parameters absent from the file, or of another shape (converter ranges of
+    another tile size), keep their initial values for calibration to set.
 
     Raises:
         ConfigError: one line, when the file is missing, unreadable or does not fit the model.
@@ -117,8 +117,8 @@ def load_initial_weights(model: torch.nn.Module, path: str, start_dir: Optional[
         state = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{key}={path}: not a state_dict of tensors (got {type(state).__name__})")
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+    try:  # converter ranges of another tile size are left for calibration to set
+        missing, unexpected = model.load_state_dict(source_module.fitting_state(model, state), strict=False)
     except RuntimeError as e:  # shape mismatch
         raise ConfigError(f"{key}={path}: does not fit the model ({str(e).splitlines()[-1].strip()[:200]})") from None
     missing = [k for k in missing if not k.endswith(CROSSBAR_ONLY_PARAMS)]

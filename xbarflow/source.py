@@ -150,6 +150,17 @@ def check_compatible(source: Source, cfg: DictConfig) -> None:
                                      f"(evaluate it with the source's model and dataset)")
 
 
+def fitting_state(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state`` without the crossbar-only entries whose shape differs from the model's.
+
+    Converter ranges and column gains are per tile or per column of the crossbar they were
+    trained on; on another tile size they do not apply, and calibration sets them again.
+    """
+    own = model.state_dict()
+    return {k: v for k, v in state.items()
+            if not (k.endswith(CROSSBAR_ONLY_PARAMS) and k in own and own[k].shape != v.shape)}
+
+
 def load_source_weights(model: torch.nn.Module, source: Source) -> bool:
     """Load the source's weights into ``model``.
 
@@ -163,8 +174,7 @@ def load_source_weights(model: torch.nn.Module, source: Source) -> bool:
         ConfigError: one line, when the software weights do not fit the model.
     """
     own = model.state_dict()
-    state = {k: v for k, v in source.state.items()
-             if not (k.endswith(CROSSBAR_ONLY_PARAMS) and k in own and own[k].shape != v.shape)}
+    state = fitting_state(model, source.state)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatch
