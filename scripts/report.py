@@ -59,7 +59,8 @@ def _sort_key(axis: str, v):
     return v[0] * v[1] if axis == "array" else v
 
 
-def collect(client, parent_ids: List[str], series: List[str] = (), where: Dict[str, str] = None) -> List[Dict[str, Any]]:
+def collect(client, parent_ids: List[str], series: List[str] = (), where: Dict[str, str] = None,
+            extra: List[str] = ()) -> List[Dict[str, Any]]:
     """Finished child runs of the given sweeps; a later sweep's run replaces an earlier one
     of the same dataset, configuration and training mode.
 
@@ -81,7 +82,7 @@ def collect(client, parent_ids: List[str], series: List[str] = (), where: Dict[s
         name = "/".join([params.get("dataset.name", "")] + [params.get(k, "?") for k in series])
         row = {"run_id": r.info.run_id, "params": params, "mode": params["training.mode"], "dataset": name,
                "commit": r.data.tags.get("git_commit"), "n_test": r.data.metrics.get("test/n_images")}
-        row.update({m: r.data.metrics.get(m, float("nan")) for m in SECTION8})
+        row.update({m: r.data.metrics.get(m, float("nan")) for m in (*SECTION8, *extra)})
         rows.append(row)
     return rows
 
@@ -134,7 +135,7 @@ def summarise(rows: List[Dict[str, Any]], axis: str) -> Dict[str, Any]:
     out["jobs"] = [
         {"dataset": r["dataset"], "x": r["x_label"], "mode": r["mode"],
          "crossbar_arrays": _int_or_none(r["params"].get("n_crossbar_arrays")),
-         **{m.replace("test/", ""): r[m] for m in SECTION8}}
+         **{m.replace("test/", ""): r[m] for m in SECTION8 + tuple(k for k in r if k.startswith("test/") and k not in SECTION8)}}
         for r in table
     ]
     return out
@@ -146,13 +147,14 @@ def _int_or_none(v):
 
 def figure(rows: List[Dict[str, Any]], axis: str, title: str):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    colours = {"standard": "tab:red", "tech_aware": "tab:blue"}
+    colours = {"standard": "tab:red", "tech_aware": "tab:blue", "noise_aware": "tab:green"}
+    modes = ["standard", "tech_aware"] + sorted({r["mode"] for r in rows} - {"standard", "tech_aware"})
     order = sorted({r["x"] for r in rows}, key=lambda v: _sort_key(axis, v))
     position = {v: i for i, v in enumerate(order)}
     datasets = sorted({r["dataset"] for r in rows}, key=lambda d: (d != "mnist5k", d))
     markers = dict(zip(datasets, ["o", "s", "D", "^", "P", "X", "*", "h"] * 4, strict=False))
     for ds in datasets:
-        for mode in ("standard", "tech_aware"):
+        for mode in modes:
             rs = sorted((r for r in rows if r["mode"] == mode and r["dataset"] == ds), key=lambda r: _sort_key(axis, r["x"]))
             if not rs:
                 continue
@@ -161,7 +163,7 @@ def figure(rows: List[Dict[str, Any]], axis: str, title: str):
             std = [r["test/acc_xbar_std"] for r in rs]
             lo = [r["test/acc_xbar_min"] for r in rs]
             tag = f"{mode}" + (f" ({ds})" if len({r['dataset'] for r in rows}) > 1 else "")
-            c = colours[mode]
+            c = colours.get(mode, "tab:purple")
             ax.plot(xs, mean, markers[ds] + "-", color=c, label=f"{tag}: crossbar, mean over chips")
             ax.fill_between(xs, [m - s for m, s in zip(mean, std, strict=True)], [m + s for m, s in zip(mean, std, strict=True)],
                             color=c, alpha=0.2)
@@ -210,12 +212,15 @@ def markdown(summary: Dict[str, Any], name: str) -> str:
                          + ". A difference below twice that is no measurable difference.")
         lines.append("")
     arrays = any(j.get("crossbar_arrays") is not None for j in summary["jobs"])
+    base = {m.replace("test/", "") for m in SECTION8}
+    extra = [k for k in (summary["jobs"][0] if summary["jobs"] else {}) if k.startswith("acc_") and k not in base]
     lines.append("| dataset | config | training | software | nominal xbar | xbar mean ± std | xbar min |"
-                 + (" arrays |" if arrays else ""))
-    lines.append("|---|---|---|---|---|---|---|" + ("---|" if arrays else ""))
+                 + "".join(f" {k.replace('acc_xbar_', '')} |" for k in extra) + (" arrays |" if arrays else ""))
+    lines.append("|---|---|---|---|---|---|---|" + "---|" * len(extra) + ("---|" if arrays else ""))
     for j in summary["jobs"]:
         lines.append(f"| {j['dataset']} | {j['x']} | {j['mode']} | {j['acc_software']:.2f} | {j['acc_xbar_nominal']:.2f} | "
                      f"{j['acc_xbar_mean']:.2f} ± {j['acc_xbar_std']:.2f} | {j['acc_xbar_min']:.2f} |"
+                     + "".join(f" {j.get(k, float('nan')):.2f} |" for k in extra)
                      + (f" {j.get('crossbar_arrays')} |" if arrays else ""))
     lines += ["", f"Largest configuration ({summary['largest']}):", ""]
     lines.append("| dataset | ideal (software, standard) | standard on crossbar | tech-aware on crossbar "
@@ -238,6 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
     ap.add_argument("--series", action="append", default=[],
                     help="a param that splits the runs into lines (repeatable), e.g. xbar.adc_range_mode")
+    ap.add_argument("--metric", action="append", default=[],
+                    help="another metric as a column (repeatable), e.g. test/acc_xbar_mean_at_31536000s")
     ap.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                     help="report only runs with this param value (repeatable), e.g. hardware.name=rram")
     args = ap.parse_args(argv)
@@ -262,7 +269,7 @@ def main(argv=None) -> int:
         parent_ids = [p.info.run_id for p in parents]
     parent_id = parent_ids[0]  # the most recent sweep receives the report
     where = dict(w.split("=", 1) for w in args.where)
-    rows = collect(client, parent_ids, args.series, where)
+    rows = collect(client, parent_ids, args.series, where, args.metric)
     if not rows:
         print(f"error: sweeps {parent_ids} have no finished runs", file=sys.stderr)
         return 2
