@@ -27,11 +27,12 @@ studies at that node.
 
 * ``tat_wire_peak_rss_mib_xbar256`` and ``tat_wire_peak_rss_mib_784x500``: peak resident
   memory (``VmHWM``) of one TAT step with wire (FCN 784-500-10, batch 128, float32) on
-  256x256 tiles and on one 784x500 array, each in a fresh child process; the sweep keeps
-  checkpoints instead of every state when the states would exceed
-  ``wire.KEEP_ALL_BYTES``. ``--memory`` measures only these, with and without
-  checkpoints (``*_keep_all``: every state kept, as before checkpointing); ``--no-memory``
-  skips them (the 784x500 step alone is ~5.5 TFLOP).
+  256x256 tiles and on one 784x500 array, each in a fresh child process, with the
+  solver ``circuit.transfer_matrix`` picks (nested dissection, :mod:`xbarflow.crossbar.wire_nd`,
+  for tiles of 256 and more). ``--memory`` measures only these, plus the column sweep on
+  256x256 tiles with checkpoints (``*_sweep``; it keeps checkpoints instead of every state
+  past ``wire.KEEP_ALL_BYTES``) and with every state kept (``*_sweep_keep_all``);
+  ``--no-memory`` skips them.
 
 Run: ``python scripts/bench_wire.py`` (from anywhere; the repository root is put on
 ``sys.path`` so the package need not be installed).
@@ -159,13 +160,18 @@ def _vm_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_child(layout: str, keep_all: bool) -> dict:
+def memory_child(layout: str, keep_all: bool, solver: str = "auto") -> dict:
     """One TAT step with wire (FCN 784-500-10, batch 128, float32) in this process: its peak RSS.
 
     Run in a fresh child process per measurement (:func:`peak_memory`), so that ``VmHWM``
-    is this step's peak alone. ``keep_all`` switches the sweep's checkpointing off.
+    is this step's peak alone. ``keep_all`` switches the sweep's checkpointing off;
+    ``solver`` is :data:`xbarflow.crossbar.circuit.WIRE_SOLVER` (``auto`` takes nested
+    dissection for these tile sizes, ``sweep`` the column sweep).
     """
+    from xbarflow.crossbar import circuit
+
     tune_allocator()
+    circuit.WIRE_SOLVER = solver
     if keep_all:
         wire.KEEP_ALL_BYTES = float("inf")
     rows, cols = {"xbar256": (256, 256), "784x500": (784, 500)}[layout]
@@ -185,10 +191,10 @@ def memory_child(layout: str, keep_all: bool) -> dict:
             "step_s": round(time.perf_counter() - t0, 2), "loss": float(loss.detach())}
 
 
-def peak_memory(layout: str, keep_all: bool) -> dict:
+def peak_memory(layout: str, keep_all: bool, solver: str = "auto") -> dict:
     """:func:`memory_child` in a fresh Python process (its JSON line)."""
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", layout,
-                        "keep_all" if keep_all else "checkpoint"], capture_output=True, text=True)
+                        "keep_all" if keep_all else "checkpoint", solver], capture_output=True, text=True)
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -197,19 +203,23 @@ def peak_memory(layout: str, keep_all: bool) -> dict:
 def memory_section(result: dict, compare: bool) -> None:
     """Peak RSS of a TAT step with wire on 256x256 tiles and on one 784x500 array (child processes).
 
-    ``compare`` also measures each with every sweep state kept (no checkpoints: before).
+    The solver is ``auto`` (nested dissection at these sizes). ``compare`` also measures the
+    column sweep on 256x256 tiles, with checkpoints and with every state kept (``*_sweep``,
+    ``*_sweep_keep_all``); the sweep on one 784x500 array (~5.5 TFLOP) is left out.
     """
     for layout in ("xbar256", "784x500"):
-        for keep_all in ((False, True) if compare else (False,)):
-            m = peak_memory(layout, keep_all)
-            tag = f"{layout}{'_keep_all' if keep_all else ''}"
-            for k, v in m.items():
-                result[f"tat_wire_{k}_{tag}"] = v
+        m = peak_memory(layout, False)
+        for k, v in m.items():
+            result[f"tat_wire_{k}_{layout}"] = v
+    for keep_all in ((False, True) if compare else ()):
+        m = peak_memory("xbar256", keep_all, "sweep")
+        for k, v in m.items():
+            result[f"tat_wire_{k}_xbar256_sweep{'_keep_all' if keep_all else ''}"] = v
 
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
-        print(json.dumps(memory_child(sys.argv[2], sys.argv[3] == "keep_all")))
+        print(json.dumps(memory_child(sys.argv[2], sys.argv[3] == "keep_all", *sys.argv[4:5])))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--memory":
         # only the peak-memory measurements (before and after checkpointing)
