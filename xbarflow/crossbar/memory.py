@@ -20,7 +20,8 @@ The constants below round those up. With wire resistance the sweep of
 (``n = min(rows, cols)``, ``m = max(rows, cols)`` rows swept), or, when those would exceed
 ``wire.KEEP_ALL_BYTES``, a checkpoint every ``k = ceil(sqrt(m))`` rows and ``2 k`` states
 of the segment being recomputed (:func:`.wire.checkpoint_every`); a few per tile in
-evaluation.
+evaluation. Where :func:`.circuit.transfer_matrix` takes nested dissection instead (tiles
+of 256 and more), its stored levels, per cell of the tile padded to powers of two.
 """
 from __future__ import annotations
 
@@ -56,6 +57,19 @@ class ArrayMemory:
     train_bytes: float
 
 
+# floats per padded cell that nested dissection (wire_nd) adds: a training step (stored
+# levels for the backward and one level's workspace, measured) and an evaluation (two
+# levels' blocks alive at once, ~18 floats per cell each, by count)
+ND_TRAIN_FLOATS = 165
+ND_EVAL_FLOATS = 40
+
+
+def _nested(spec: CrossbarSpec) -> bool:
+    from . import circuit  # the solver transfer_matrix will pick for these tiles
+
+    return circuit._use_nested(spec.rows, spec.cols, spec.r_source, spec.r_sink, circuit.WIRE_SOLVER)
+
+
 def array_memory(fan_in: int, fan_out: int, spec: CrossbarSpec, itemsize: int = 4) -> ArrayMemory:
     """Memory to simulate a ``fan_in x fan_out`` weight matrix on ``spec``'s tiles.
 
@@ -75,7 +89,14 @@ def array_memory(fan_in: int, fan_out: int, spec: CrossbarSpec, itemsize: int = 
     cells = tiles * spec.rows * spec.cols
     eval_bytes = EVAL_COPIES * cells * itemsize
     train_bytes = TRAIN_COPIES * cells * itemsize
-    if spec.r_wire > 0:
+    if spec.r_wire > 0 and _nested(spec):
+        # nested dissection pads each tile to powers of two; measured (scripts/bench_wire.py
+        # --memory, one TAT step of the FCN 784-500-10): about 640 B per padded cell on
+        # 256x256 tiles and on one 784x500 array, stored levels and one level's workspace
+        padded = tiles * (1 << (spec.rows - 1).bit_length()) * (1 << (spec.cols - 1).bit_length())
+        eval_bytes += ND_EVAL_FLOATS * padded * itemsize
+        train_bytes += ND_TRAIN_FLOATS * padded * itemsize
+    elif spec.r_wire > 0:
         n, m = min(spec.rows, spec.cols), max(spec.rows, spec.cols)
         eval_bytes += tiles * (5 * n * n + m * n) * itemsize
         # one sweep per layer (all its tiles at once); past wire.KEEP_ALL_BYTES it keeps
