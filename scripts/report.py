@@ -146,7 +146,9 @@ def _int_or_none(v):
 
 
 def figure(rows: List[Dict[str, Any]], axis: str, title: str):
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    n_lines = len({(r["dataset"], r["mode"]) for r in rows})
+    many = n_lines > 3  # the legend goes beside the axes, not over the lines
+    fig, ax = plt.subplots(figsize=(11.5, 5.2) if many else (6.4, 4.2))
     colours = {"standard": "tab:red", "tech_aware": "tab:blue", "noise_aware": "tab:green"}
     modes = ["standard", "tech_aware"] + sorted({r["mode"] for r in rows} - {"standard", "tech_aware"})
     order = sorted({r["x"] for r in rows}, key=lambda v: _sort_key(axis, v))
@@ -180,7 +182,10 @@ def figure(rows: List[Dict[str, Any]], axis: str, title: str):
     ax.set_ylim(0, 100)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    if many:
+        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if n_lines <= 8 else 2)
+    else:
+        ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
 
