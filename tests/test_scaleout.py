@@ -46,7 +46,7 @@ def _check_parallel_sweep(workdir, n_jobs):
 
 def test_parallel_sweep_into_one_sqlite_store(tmp_path):
     """4 jobs in 4 processes write to one SQLite file: all runs complete, no lock error."""
-    trials = int(os.environ.get("XBARFLOW_RACE_TRIALS", "2"))
+    trials = int(os.environ.get("XBARFLOW_RACE_TRIALS", "1"))  # many more: the slow test below
     for t in range(trials):
         workdir = tmp_path / f"trial{t}"
         workdir.mkdir()
