@@ -244,7 +244,9 @@ WIRE_SOLVER = "auto"
 WIRE_ND_MIN_SIZE = 256
 
 
-def _use_nested(rows: int, cols: int, r_source: float, r_sink: float, wire_solver: str) -> bool:
+def uses_nested_dissection(rows: int, cols: int, r_source: float, r_sink: float, wire_solver: str) -> bool:
+    """Whether :func:`transfer_matrix` solves ``rows x cols`` tiles with wire by nested dissection
+    (``wire_solver`` as there); the memory estimate asks the same question."""
     if wire_solver not in ("auto", "sweep", "nested"):
         raise ValueError(f"wire_solver must be 'auto', 'sweep' or 'nested' (got {wire_solver!r})")
     pinned = r_source == 0.0 or r_sink == 0.0  # nested dissection needs both > 0
@@ -283,7 +285,7 @@ def transfer_matrix(G: torch.Tensor, *, r_source: float, r_sink: float, r_wire: 
     r_sink = check_resistance("r_sink", r_sink)
     r_wire = check_resistance("r_wire", r_wire)
     if r_wire > 0.0:
-        if _use_nested(G.shape[-2], G.shape[-1], r_source, r_sink, wire_solver or WIRE_SOLVER):
+        if uses_nested_dissection(G.shape[-2], G.shape[-1], r_source, r_sink, wire_solver or WIRE_SOLVER):
             from . import wire_nd
 
             return wire_nd.transfer_matrix_wire_nd(G, r_source=r_source, r_sink=r_sink, r_wire=r_wire)
