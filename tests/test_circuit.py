@@ -55,7 +55,7 @@ def test_parasitics_shrink_currents_and_vanish_as_r_goes_to_zero():
     assert errors[-1] < 1e-5
 
 
-@pytest.mark.parametrize("shape", [(5, 3), (3, 5), (2, 4, 4)])
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5), (2, 4, 4), (36, 34)])  # 34 columns: a blocked inverse
 @pytest.mark.parametrize("r_source,r_sink", [(1e3, 2e3), (0.0, 1e3), (1e3, 0.0)])
 def test_gradcheck_transfer_matrix(shape, r_source, r_sink):
     torch.manual_seed(0)
@@ -145,3 +145,28 @@ def test_ill_conditioned_float32_switches_to_float64():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         transfer_matrix(G.float(), r_source=1e3, r_sink=1e3)
+
+
+@pytest.mark.parametrize("n,batch", [(1, 3), (16, 2), (17, 2), (33, 3), (64, 130), (100, 2), (257, 1)])
+def test_spd_inverse_blocked_matches_float64_inverse(n, batch):
+    """The block (Schur complement) inverse, on both leaf sizes and odd splits, against LAPACK in
+    float64; it reads only the lower triangle, as the Cholesky factorisation it replaces."""
+    from xbarflow.crossbar.circuit import _spd_inverse
+
+    gen = torch.Generator().manual_seed(n * 1000 + batch)
+    A = torch.randn(batch, n, n + 3, generator=gen, dtype=torch.float64)
+    B = A @ A.mT / n + 0.1 * torch.eye(n, dtype=torch.float64)
+    ref = torch.linalg.inv(B)
+    junk_upper = B + torch.triu(torch.full_like(B, 7.0), diagonal=1)  # must not be read
+    assert torch.allclose(_spd_inverse(junk_upper), ref, rtol=0, atol=1e-9 * ref.abs().max())
+    err32 = (_spd_inverse(B.float()).double() - ref).abs().max() / ref.abs().max()
+    assert err32 < 1e-4
+
+
+def test_spd_inverse_refuses_indefinite_matrix():
+    from xbarflow.crossbar.circuit import _spd_inverse
+
+    B = torch.eye(64, dtype=torch.float64).repeat(3, 1, 1)
+    B[1, 50, 50] = -1.0  # the indefiniteness sits in a Schur complement, not in the first leaf
+    with pytest.raises(ValueError, match="not positive definite"):
+        _spd_inverse(B)

@@ -241,3 +241,39 @@ def test_effective_weight_equals_the_physical_read_out():
     y = output_from_currents(I_pos, I_neg, k, spec.v_read, x_max)
     assert torch.allclose(y, x @ effective_weight(W, spec), rtol=1e-10, atol=1e-12)
     assert float((y - x @ W).abs().max()) > 1e-2  # the parasitics do change the product
+
+
+@pytest.mark.parametrize("w_max", [None, 0.5])
+@pytest.mark.parametrize("fan_in,fan_out,rows,cols", [(10, 7, 4, 3), (8, 6, 8, 6), (5, 9, 16, 16)])
+def test_tiled_conductance_pair_against_closed_form(w_max, fan_in, fan_out, rows, cols):
+    """The fused mapping Function against its closed form, value and gradient, with weights at 0,
+    on the clipping range and beyond it: G+- = g_min + k clip(+-W, 0, w_max), dG+/dW = k on
+    0 <= W <= w_max, dG-/dW = -k on -w_max <= W <= 0 (bounds included), 0 beyond."""
+    from xbarflow.crossbar.mapping import tiled_conductance_pair
+
+    g_min, g_max = 5e-6, 5e-5
+    torch.manual_seed(fan_in + rows)
+    W0 = torch.randn(fan_in, fan_out, dtype=torch.float64)
+    W0[0, 0], W0[1, 1] = 0.0, 0.5  # a zero weight; a weight on w_max
+    W0[2, 2] = W0.abs().max() * (1 if w_max is None else -1)  # a tie on max |W|, or clipped below -w_max
+    n_r, n_c = -(-fan_in // rows), -(-fan_out // cols)
+    cot = torch.randn(2, n_r, n_c, rows, cols, dtype=torch.float64)
+    W = W0.clone().requires_grad_(True)
+    G, k = tiled_conductance_pair(W, g_min, g_max, rows, cols, w_max)
+    (G * cot).sum().backward()
+
+    w_range = float(W0.abs().max()) if w_max is None else w_max
+    k_ref = (g_max - g_min) / w_range
+    pos_ref = g_min + k_ref * W0.clamp(0.0, w_range)
+    neg_ref = g_min + k_ref * (-W0).clamp(0.0, w_range)
+    G_ref = to_tiles(torch.stack((pos_ref, neg_ref)), rows, cols, pad_value=g_min)
+    cot_pos, cot_neg = (from_tiles(c, fan_in, fan_out) for c in cot)
+    grad_ref = k_ref * (cot_pos * ((W0 >= 0) & (W0 <= w_range)) - cot_neg * ((W0 <= 0) & (W0 >= -w_range)))
+    assert float(k) == pytest.approx(k_ref, rel=1e-15)
+    assert torch.allclose(G, G_ref, rtol=1e-14, atol=0)
+    assert torch.allclose(W.grad, grad_ref, rtol=1e-14, atol=0)
+    if w_max is not None:
+        assert float(W.grad[2, 2]) == 0.0  # clipped: no gradient
+    # the untiled pair is the same Function on one tile
+    G_pos, G_neg, _ = conductance_pair(W0, g_min, g_max, w_max)
+    assert torch.allclose(torch.stack((G_pos, G_neg)), torch.stack((pos_ref, neg_ref)), rtol=1e-14, atol=0)

@@ -30,14 +30,14 @@ def conductance_pair(
     Returns:
         ``(G_pos, G_neg, k)``: conductances in siemens, each shaped like W, and the
         scale ``k = (g_max - g_min) / w_max`` in siemens per unit weight, so that
-        ``G_pos - G_neg = k * clip(W, -w_max, w_max)``.
+        ``G_pos - G_neg = k * clip(W, -w_max, w_max)``. Gradient: ``dG+/dW = k`` on
+        ``0 <= W <= w_max`` and ``dG-/dW = -k`` on ``-w_max <= W <= 0``, bounds included
+        (at W = 0 both devices move, as the smooth differential ``k W`` does; the largest
+        |W| keeps its gradient), 0 beyond ``w_max``.
     """
-    w_range = weight_range(W, w_max)
-    k = (g_max - g_min) / w_range
-    Wc = torch.maximum(torch.minimum(W, w_range), -w_range)
-    G_pos = g_min + k * torch.relu(Wc)
-    G_neg = g_min + k * torch.relu(-Wc)
-    return G_pos, G_neg, k
+    fan_in, fan_out = W.shape
+    G, k = tiled_conductance_pair(W, g_min, g_max, fan_in, fan_out, w_max)  # one tile: the same rule
+    return G[0, 0, 0], G[1, 0, 0], k
 
 
 def interleave_columns(G_pos: torch.Tensor, G_neg: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ class _TiledPair(torch.autograd.Function):
     """:func:`conductance_pair`, stacked and cut into tiles, in one Function (see :func:`tiled_conductance_pair`)."""
 
     @staticmethod
-    def forward(ctx, W, w_range, g_min: float, g_max: float, rows: int, cols: int):
+    def forward(ctx, W, w_range, g_min: float, g_max: float, rows: int, cols: int, may_clip: bool):
         fan_in, fan_out = W.shape
         n_r, n_c = -(-fan_in // rows), -(-fan_out // cols)
         pad_r, pad_c = n_r * rows - fan_in, n_c * cols - fan_out
@@ -73,12 +73,15 @@ class _TiledPair(torch.autograd.Function):
         Wt = Wp.reshape(n_r, rows, n_c, cols)  # splitting dimensions: a view for any strides
         k = (g_max - g_min) / w_range
         G = W.new_empty(2, n_r, n_c, rows, cols)
-        # written straight into the contiguous tile layout, so no later product copies G
+        # written straight into the contiguous tile layout, so no later product copies G;
+        # two passes per array: g_min + k W (one fused op), then the clamp to the device range
         pos, neg = G[0].permute(0, 2, 1, 3), G[1].permute(0, 2, 1, 3)
-        torch.minimum(Wt, w_range, out=pos).clamp_min_(0.0).mul_(k).add_(g_min)
-        torch.maximum(Wt, -w_range, out=neg).clamp_max_(0.0).mul_(-k).add_(g_min)
+        g0 = torch.tensor(g_min, dtype=W.dtype, device=W.device)
+        torch.addcmul(g0, Wt, k, out=pos).clamp_(g_min, g_max)
+        torch.addcmul(g0, Wt, -k, out=neg).clamp_(g_min, g_max)
         ctx.save_for_backward(W, w_range, k)
         ctx.grid = (n_r, n_c, pad_r, pad_c)
+        ctx.may_clip = may_clip
         return G
 
     @staticmethod
@@ -87,20 +90,17 @@ class _TiledPair(torch.autograd.Function):
         n_r, n_c, pad_r, pad_c = ctx.grid
         rows, cols = grad_G.shape[-2:]
         fan_in, fan_out = W.shape
-        # d G+/dW = k [W > 0] c, d G-/dW = -k [W < 0] c, with c = 1 inside the clipping range,
-        # 0 outside and 1/2 on its edge (autograd's rule for minimum/maximum ties, kept so that
-        # this equals the composition of elementary ops it replaces)
-        A = W.abs()
-        coef = torch.where(A < w_range, k, torch.where(A == w_range, 0.5 * k, torch.zeros_like(k)))
-        coef = coef * torch.sign(W)
+        # clamp's rule (bounds included): dG+/dW = k on 0 <= W <= w_range, dG-/dW = -k on
+        # -w_range <= W <= 0, else 0
         if pad_r or pad_c:
             W = torch.nn.functional.pad(W, (0, pad_c, 0, pad_r))
-            coef = torch.nn.functional.pad(coef, (0, pad_c, 0, pad_r))
         Wt = W.reshape(n_r, rows, n_c, cols)
         gpos, gneg = grad_G[0].permute(0, 2, 1, 3), grad_G[1].permute(0, 2, 1, 3)
-        grad_W = torch.where(Wt > 0, gpos, gneg).mul_(coef.reshape(n_r, rows, n_c, cols))
+        grad_W = torch.mul(gpos, Wt >= 0).sub_(torch.mul(gneg, Wt <= 0)).mul_(k)
+        if ctx.may_clip:  # w_range is a fixed w_max, which some weights may exceed
+            grad_W.mul_(Wt.abs() <= w_range)
         grad_W = grad_W.reshape(n_r * rows, n_c * cols)[:fan_in, :fan_out]
-        return grad_W, None, None, None, None, None
+        return grad_W, None, None, None, None, None, None
 
 
 def tiled_conductance_pair(W: torch.Tensor, g_min: float, g_max: float, rows: int, cols: int,
@@ -108,7 +108,7 @@ def tiled_conductance_pair(W: torch.Tensor, g_min: float, g_max: float, rows: in
     """:func:`conductance_pair` of W, stacked (G+ then G-) and cut into ``rows x cols`` tiles.
 
     Equals ``to_tiles(torch.stack(conductance_pair(W, ...)[:2]), rows, cols, pad_value=g_min)``
-    (value and gradient), in one pass per array forward and one backward, and the result
+    (value to rounding, and gradient), in two passes per array forward and five backward, and the result
     is contiguous in the tile layout (the batched products downstream need no copy).
 
     Args:
@@ -118,5 +118,5 @@ def tiled_conductance_pair(W: torch.Tensor, g_min: float, g_max: float, rows: in
         ``(G, k)``: G in siemens, shape ``(2, n_r, n_c, rows, cols)``; k in siemens per unit weight.
     """
     w_range = weight_range(W, w_max)
-    G = _TiledPair.apply(W, w_range, float(g_min), float(g_max), int(rows), int(cols))
+    G = _TiledPair.apply(W, w_range, float(g_min), float(g_max), int(rows), int(cols), w_max is not None)
     return G, (g_max - g_min) / w_range
