@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["transfer_matrix", "solve", "check_resistance", "check_conductance"]
+__all__ = ["transfer_matrix", "transfer_columns_merged", "solve", "check_resistance", "check_conductance"]
 
 
 def check_resistance(name: str, value: float) -> float:
@@ -210,32 +210,55 @@ def _spd_inverse(B: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _transfer_cols_forward(G: torch.Tensor, r_source: float, r_sink: float) -> Tuple[Optional[torch.Tensor], ...]:
-    """T = diag(a) G B^-1 with the ``cols x cols`` system; returns T and what backward needs."""
+def _scaled_bmm(A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha * (A @ B)`` for equal batch shapes, the scale applied inside the BLAS call (no extra pass)."""
+    lead = A.shape[:-2]
+    A3, B3 = A.reshape(-1, *A.shape[-2:]), B.reshape(-1, *B.shape[-2:])
+    zero = A.new_zeros(()).expand(A3.shape[0], A3.shape[1], B3.shape[2])  # ignored: beta = 0
+    return torch.baddbmm(zero, A3, B3, beta=0, alpha=alpha).reshape(*lead, A.shape[-2], B.shape[-1])
+
+
+def _rowdot(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``(X * Y).sum(-1)`` as one batched product of inner size ``X.shape[-1]`` (no temporary)."""
+    n = X.shape[-1]
+    return (X.reshape(-1, 1, n) @ Y.reshape(-1, n, 1)).reshape(X.shape[:-1])
+
+
+def _transfer_cols_forward(G: torch.Tensor, r_source: float, r_sink: float,
+                           sink_weight: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], ...]:
+    """T = diag(a) G B^-1 with the ``cols x cols`` system; returns T and what backward needs.
+
+    ``sink_weight`` (shape ``(cols,)``, default all 1) scales each column's sink conductance
+    ``1 / r_sink``: column j stands for ``sink_weight[j]`` identical columns in parallel (see
+    :func:`transfer_columns_merged`); B's diagonal gets ``sink_weight`` instead of 1.
+    """
     r = G.sum(-1)
     a = 1.0 / (1.0 + r_source * r)
     if r_sink == 0.0:
         return a.unsqueeze(-1) * G, a, None
     c = G.sum(-2)
-    s = r_source * a
-    # B = I + r_sink (diag(c) - G^T diag(s) G), built in place; the Cholesky factorisation
-    # reads only its lower triangle, so the Gram product's rounding needs no symmetrising
+    aG = a.unsqueeze(-1) * G
+    # B = D + r_sink (diag(c) - G^T diag(s) G) with s = r_source a, so G^T diag(s) G =
+    # r_source (aG)^T G: one product, scaled inside the BLAS call. The Cholesky factorisations
+    # read only the lower triangle, so the Gram product's rounding needs no symmetrising.
     if r_source > 0:
-        B = (G.mT @ (s.unsqueeze(-1) * G)).mul_(-r_sink)
+        B = _scaled_bmm(aG.mT, G, -r_source * r_sink)
     else:
         B = G.new_zeros(*G.shape[:-2], G.shape[-1], G.shape[-1])
-    B.diagonal(dim1=-2, dim2=-1).add_(c, alpha=r_sink).add_(1.0)
+    diag = B.diagonal(dim1=-2, dim2=-1).add_(c, alpha=r_sink)
+    diag.add_(1.0) if sink_weight is None else diag.add_(sink_weight)
     B_inv = _spd_inverse(B)
-    T = (a.unsqueeze(-1) * G) @ B_inv
+    T = aG @ B_inv
     return T, a, B_inv
 
 
 class _TransferCols(torch.autograd.Function):
-    """Autograd wrapper of :func:`_transfer_cols_forward` with a hand-written backward."""
+    """Autograd wrapper of :func:`_transfer_cols_forward` with a hand-written backward
+    (``sink_weight`` is a constant of the circuit: B's diagonal moves, dB/dG does not)."""
 
     @staticmethod
-    def forward(ctx, G, r_source, r_sink):
-        T, a, B_inv = _transfer_cols_forward(G, r_source, r_sink)
+    def forward(ctx, G, r_source, r_sink, sink_weight=None):
+        T, a, B_inv = _transfer_cols_forward(G, r_source, r_sink, sink_weight)
         ctx.r_source, ctx.r_sink = r_source, r_sink
         ctx.save_for_backward(G, T, a, B_inv if B_inv is not None else G.new_empty(0))
         return T
@@ -248,30 +271,36 @@ class _TransferCols(torch.autograd.Function):
             # T = diag(a) G
             grad_G = a.unsqueeze(-1) * grad_T
             grad_a = (grad_T * G).sum(-1)
-        else:
-            # With X = B^-1 and K0 = Gamma X: dL/dB = P = -sym(T^T K0) (T^T K0 = H^T diag(a)
-            # Gamma X with H = G X, written without H); S = T^T K0 + K0^T T = -2 P.
-            K0 = grad_T @ B_inv
-            P1 = T.mT @ K0
-            S = P1 + P1.mT
-            grad_c = (-rk) * torch.diagonal(P1, dim1=-2, dim2=-1)
-            # d<Gamma, T>/da through T directly: rowsum(Gamma o H) = rowsum(Gamma o T) / a
-            grad_a_raw = (grad_T * T).sum(-1)
             if rs > 0.0:
-                # through G^T diag(s) G: dL/dG += 2 diag(s) G (-rk P) = diag(rk s) G S =: M2, and
-                # dL/ds = rk/2 rowsum((G S) o G), i.e. dL/da += rowsum(M2 o G) / (2 a)
-                s = rs * a
-                M2 = ((rk * s).unsqueeze(-1) * G) @ S
-                grad_a_raw = grad_a_raw + 0.5 * (M2 * G).sum(-1)
-                grad_G = M2.addcmul_(a.unsqueeze(-1), K0)
-            else:
-                grad_G = a.unsqueeze(-1) * K0
-            grad_G.add_(grad_c.unsqueeze(-2))
-            grad_a = grad_a_raw / a
+                grad_G.add_((-rs * a * a * grad_a).unsqueeze(-1))
+            return grad_G, None, None, None
+        # With X = B^-1 and K0 = Gamma X: dL/dB = P = -sym(T^T K0) (T^T K0 = H^T diag(a)
+        # Gamma X with H = G X, written without H); S = T^T K0 + K0^T T = -2 P.
+        K0 = grad_T @ B_inv
+        P1 = T.mT @ K0
+        grad_c = (-rk) * torch.diagonal(P1, dim1=-2, dim2=-1)
+        # d<Gamma, T>/da through T directly: rowsum(Gamma o H) = rowsum(Gamma o T) / a
+        grad_a_raw = _rowdot(grad_T, T)
         if rs > 0.0:
-            grad_r = -rs * a * a * grad_a
-            grad_G = grad_G + grad_r.unsqueeze(-1) if rk == 0.0 else grad_G.add_(grad_r.unsqueeze(-1))
-        return grad_G, None, None
+            # through G^T diag(s) G: dL/dG += 2 diag(s) G (-rk P) = diag(a) (rs rk G S) =: diag(a) M,
+            # and dL/ds = rk/2 rowsum((G S) o G), i.e. dL/da += rowsum(M o G) / 2
+            M = _scaled_bmm(G, P1 + P1.mT, rs * rk)  # (not in place: P1 += P1^T would read updated entries)
+            grad_a = grad_a_raw.div_(a).add_(_rowdot(M, G), alpha=0.5)
+            M.add_(K0)
+        else:
+            M = K0
+            grad_a = grad_a_raw.div_(a)
+        grad_r = (-rs) * a * a * grad_a
+        # dL/dG = diag(a) M + 1 grad_c^T + grad_r 1^T: the two rank-1 terms in one product of
+        # inner size 2 (one pass), written before the row scaling as diag(a) [1/a, grad_r/a] [grad_c; 1]
+        inv_a = a.reciprocal()
+        U = torch.stack((inv_a, grad_r * inv_a), dim=-1)                          # (..., rows, 2)
+        V = torch.stack((grad_c, torch.ones_like(grad_c)), dim=-2)                # (..., 2, cols)
+        lead = M.shape[:-2]
+        M3 = M.reshape(-1, *M.shape[-2:])
+        M3.baddbmm_(U.reshape(-1, *U.shape[-2:]), V.reshape(-1, *V.shape[-2:]))
+        grad_G = M3.reshape(*lead, *M.shape[-2:]).mul_(a.unsqueeze(-1))
+        return grad_G, None, None, None
 
 
 # Which exact solver handles r_wire > 0: "sweep" (xbarflow.crossbar.wire, the reference,
@@ -370,6 +399,39 @@ def solve(G: torch.Tensor, V: torch.Tensor, *, r_source: float, r_sink: float, r
         raise ValueError("V must be finite (found NaN or inf)")
     T = transfer_matrix(G, r_source=r_source, r_sink=r_sink, r_wire=r_wire)
     return V @ T
+
+
+def transfer_columns_merged(G: torch.Tensor, used: int, *, r_source: float, r_sink: float) -> torch.Tensor:
+    """``transfer_matrix(G, ...)[..., :used]`` for tiles whose columns ``used:`` are identical (no input checks).
+
+    The ``m = cols - used`` identical columns sit at one voltage (the circuit is symmetric
+    in them), so they act as one column of conductance ``m g`` per row draining through
+    ``r_sink / m``: B's diagonal entry for it is ``m`` instead of 1 (``sink_weight``).
+    Exact; differentiable in the used columns (the padded cells get no gradient, as their
+    weights are dropped).
+
+    Args:
+        G: conductances in siemens, ``(..., rows, cols)``; columns ``used:`` all equal
+            (only column ``used`` is read), ``1 <= used < cols``.
+        used: number of leading columns wanted.
+        r_source, r_sink: resistances in ohm (``>= 0``; no wire resistance).
+
+    Returns:
+        ``(..., rows, used)`` in siemens. Cost: the ``(used + 1)``-column system.
+    """
+    assert 1 <= used < G.shape[-1]
+    cols = G.shape[-1]
+    m = cols - used
+    G_red = torch.cat((G[..., :used], G[..., used:used + 1] * m), dim=-1)
+    sink_weight = torch.ones(used + 1, dtype=G.dtype, device=G.device)
+    sink_weight[-1] = m
+    # conditioning as for the unmerged circuit: scaling the merged column by 1/sqrt(m)
+    # on both sides of B gives the single column's entries
+    if _float64_if_needed(G[..., : used + 1], r_source, r_sink):
+        T = _TransferCols.apply(G_red.double(), r_source, r_sink, sink_weight.double()).to(G.dtype)
+    else:
+        T = _TransferCols.apply(G_red, r_source, r_sink, sink_weight)
+    return T[..., :used]
 
 
 # ---------------------------------------------------------------------------

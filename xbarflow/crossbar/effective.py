@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .circuit import apply_transfer, check_conductance, transfer_columns, transfer_matrix
+from .circuit import apply_transfer, check_conductance, transfer_columns, transfer_columns_merged, transfer_matrix
 from .devices import quantize_levels
 from .mapping import conductance_pair, deinterleave_difference, interleave_columns, tiled_conductance_pair
 from .peripherals import adc_quantize
@@ -92,33 +92,46 @@ def effective_weight(
     fan_in, fan_out = W.shape
     G, k = device_conductances(W, spec, chip, name, read)
     out_cols = 2 * fan_out if spec.mapping == "interleaved" else fan_out
-    T = _tiles_transfer(G, spec, out_cols)
+    # nominal devices: every padded cell holds g_min (weight 0), so padded columns are identical
+    T = _tiles_transfer(G, spec, out_cols, uniform_padding=chip is None)
     if spec.mapping == "interleaved":
         T = deinterleave_difference(from_tiles(T, fan_in, 2 * fan_out))
         return T / k
-    return from_tiles(_Differential.apply(T, k), fan_in, fan_out)
+    return _Differential.apply(T, k, fan_in, fan_out)
 
 
 class _Differential(torch.autograd.Function):
-    """``(T[0] - T[1]) / k`` of stacked tiles ``(2, ...)``: the differential output per unit weight.
+    """``(T[0] - T[1]) / k`` of stacked tiles ``(2, n_r, n_c, rows, cols)``, assembled into the
+    ``(fan_in, fan_out)`` matrix: the differential output per unit weight.
 
-    Its backward writes the two halves of the gradient directly (autograd's ``select``
-    backward would zero-fill and add two full-size tensors). ``k`` gets no gradient:
-    the mapping's range is a constant or ``max |W|`` taken without gradient.
+    The difference is written straight into the matrix layout (no :func:`from_tiles` copy),
+    and the backward writes the two halves of the tiles' gradient directly (autograd's
+    ``select`` and ``transpose`` backwards would zero-fill and copy full-size tensors).
+    ``k`` gets no gradient: the mapping's range is a constant or ``max |W|`` taken without
+    gradient.
     """
 
     @staticmethod
-    def forward(ctx, T, k):
+    def forward(ctx, T, k, fan_in: int, fan_out: int):
+        n_r, n_c, rows, cols = T.shape[-4:]
+        full = T.new_empty(n_r * rows, n_c * cols)
+        torch.sub(T[0], T[1], out=full.view(n_r, rows, n_c, cols).permute(0, 2, 1, 3))
         ctx.save_for_backward(k)
-        return torch.sub(T[0], T[1]).div_(k)
+        ctx.tiles = (n_r, n_c, rows, cols)
+        W_eff = full[:fan_in, :fan_out]  # padded rows and columns are dropped
+        return W_eff.div_(k)
 
     @staticmethod
     def backward(ctx, grad):
         (k,) = ctx.saved_tensors
-        out = grad.new_empty((2,) + grad.shape)
-        torch.div(grad, k, out=out[0])
+        n_r, n_c, rows, cols = ctx.tiles
+        pad_r, pad_c = n_r * rows - grad.shape[0], n_c * cols - grad.shape[1]
+        if pad_r or pad_c:  # padded cells feed dropped outputs: no gradient
+            grad = torch.nn.functional.pad(grad, (0, pad_c, 0, pad_r))
+        out = grad.new_empty(2, n_r, n_c, rows, cols)
+        torch.div(grad.reshape(n_r, rows, n_c, cols).permute(0, 2, 1, 3), k, out=out[0])
         torch.neg(out[0], out=out[1])
-        return out, None
+        return out, None, None, None
 
 
 def _low_rank_ok(spec: CrossbarSpec) -> bool:
@@ -126,25 +139,38 @@ def _low_rank_ok(spec: CrossbarSpec) -> bool:
     return spec.r_wire == 0.0 and spec.r_source > 0.0 and spec.r_sink > 0.0 and spec.cols <= spec.rows
 
 
-def _tiles_transfer(G: torch.Tensor, spec: CrossbarSpec, out_cols: int) -> torch.Tensor:
+def _tiles_transfer(G: torch.Tensor, spec: CrossbarSpec, out_cols: int, uniform_padding: bool = False) -> torch.Tensor:
     """Transfer matrices of tiles ``(..., n_r, n_c, rows, cols)``; the padded columns of the
     last grid column may be left out (their outputs are dropped by ``from_tiles``).
 
     When the last grid column uses few of its columns (a 500x10 layer on a 784x500
-    array uses 10 of 500), its tiles go through :func:`transfer_columns`, which skips
-    the inverse and the unused columns: exact, and ``O(cols^3)`` cheaper per tile.
+    array uses 10 of 500), its padded columns still load every row, but their currents
+    are not read. If they are identical (``uniform_padding``: nominal devices, where
+    every padded cell holds ``g_min``), they share one voltage and are merged exactly
+    into one column of ``m`` times their conductance and ``m`` times the sink
+    conductance: a ``used + 1`` column system instead of ``cols``. Otherwise those tiles
+    go through :func:`transfer_columns`, which skips the inverse and the unused columns:
+    exact, and ``O(cols^3)`` cheaper per tile.
     """
-    n_c, cols = G.shape[-3], G.shape[-1]
+    n_c, rows, cols = G.shape[-3], G.shape[-2], G.shape[-1]
     used = out_cols - (n_c - 1) * cols
-    # below ~cols/4 used columns the saved inverse and full product outweigh the solves
-    if not (_low_rank_ok(spec) and 4 * used <= cols):
-        return transfer_matrix(G, r_source=spec.r_source, r_sink=spec.r_sink, r_wire=spec.r_wire)
-    check_conductance("G", G)
-    last = transfer_columns(G[..., n_c - 1:, :, :], used, r_source=spec.r_source, r_sink=spec.r_sink)
+    rs, rk = spec.r_source, spec.r_sink
+    # below ~cols/4 used columns a separate, smaller solve of the last grid column outweighs
+    # the extra calls and copies
+    if 4 * used > cols:
+        return transfer_matrix(G, r_source=rs, r_sink=rk, r_wire=spec.r_wire)
+    if uniform_padding and spec.r_wire == 0.0 and (rs > 0.0 or rk > 0.0) and used + 1 <= rows:
+        check_conductance("G", G)
+        last = transfer_columns_merged(G[..., n_c - 1:, :, :], used, r_source=rs, r_sink=rk)
+    elif _low_rank_ok(spec):
+        check_conductance("G", G)
+        last = transfer_columns(G[..., n_c - 1:, :, :], used, r_source=rs, r_sink=rk)
+    else:
+        return transfer_matrix(G, r_source=rs, r_sink=rk, r_wire=spec.r_wire)
     last = torch.nn.functional.pad(last, (0, cols - used))  # dropped by from_tiles
     if n_c == 1:
         return last
-    full = transfer_matrix(G[..., : n_c - 1, :, :], r_source=spec.r_source, r_sink=spec.r_sink)
+    full = transfer_matrix(G[..., : n_c - 1, :, :], r_source=rs, r_sink=rk)
     return torch.cat((full, last), dim=-3)
 
 
