@@ -60,46 +60,71 @@ def output_from_currents(I_pos: torch.Tensor, I_neg: torch.Tensor, k, v_read: fl
     return (I_pos - I_neg) / (k * v_read / x_max)
 
 
+def _grid_parts(n: int, size: int, tiles: int):
+    """Split ``n`` weights along one side into at most two runs of tiles: the full tiles, and
+    the last tile's used part. Yields ``(tile slice, slice within the tile, first, last weight)``."""
+    last = n - (tiles - 1) * size
+    if last == size:
+        yield slice(0, tiles), slice(0, size), 0, n
+        return
+    if tiles > 1:
+        yield slice(0, tiles - 1), slice(0, size), 0, (tiles - 1) * size
+    yield slice(tiles - 1, tiles), slice(0, last), (tiles - 1) * size, n
+
+
+def _weight_blocks(W: torch.Tensor, G: torch.Tensor):
+    """Pairs of views ``(W block, tile block)`` over the cells that hold weights, in matching
+    ``(tile rows, rows, tile cols, cols)`` order; the padded cells are in none of them.
+
+    W: ``(fan_in, fan_out)``; G: one array's tiles ``(n_r, n_c, rows, cols)``. At most four
+    pairs (full tiles and the partial last tile row / column).
+    """
+    fan_in, fan_out = W.shape
+    n_r, n_c, rows, cols = G.shape
+    for tr, ra, r0, r1 in _grid_parts(fan_in, rows, n_r):
+        for tc, ca, c0, c1 in _grid_parts(fan_out, cols, n_c):
+            Wb = W[r0:r1, c0:c1].reshape(tr.stop - tr.start, ra.stop, tc.stop - tc.start, ca.stop)
+            yield Wb, G[tr, tc, ra, ca].permute(0, 2, 1, 3)
+
+
 class _TiledPair(torch.autograd.Function):
-    """:func:`conductance_pair`, stacked and cut into tiles, in one Function (see :func:`tiled_conductance_pair`)."""
+    """:func:`conductance_pair`, stacked and cut into tiles, in one Function (see :func:`tiled_conductance_pair`).
+
+    Only the cells that hold weights are computed (forward) and differentiated (backward);
+    padded cells are filled with ``g_min`` (weight 0) and get no gradient, as their weights
+    do not exist. A 500x10 layer on one 784x500 array touches 5,000 cells, not 392,000.
+    """
 
     @staticmethod
     def forward(ctx, W, w_range, g_min: float, g_max: float, rows: int, cols: int, may_clip: bool):
         fan_in, fan_out = W.shape
         n_r, n_c = -(-fan_in // rows), -(-fan_out // cols)
-        pad_r, pad_c = n_r * rows - fan_in, n_c * cols - fan_out
-        # padded cells hold weight 0, i.e. g_min on both arrays
-        Wp = torch.nn.functional.pad(W, (0, pad_c, 0, pad_r)) if pad_r or pad_c else W
-        Wt = Wp.reshape(n_r, rows, n_c, cols)  # splitting dimensions: a view for any strides
         k = (g_max - g_min) / w_range
         G = W.new_empty(2, n_r, n_c, rows, cols)
+        if n_r * rows != fan_in or n_c * cols != fan_out:
+            G.fill_(g_min)  # padded cells: weight 0 (cheaper than writing the real ones twice)
+        g0 = torch.tensor(g_min, dtype=W.dtype, device=W.device)
         # written straight into the contiguous tile layout, so no later product copies G;
         # two passes per array: g_min + k W (one fused op), then the clamp to the device range
-        pos, neg = G[0].permute(0, 2, 1, 3), G[1].permute(0, 2, 1, 3)
-        g0 = torch.tensor(g_min, dtype=W.dtype, device=W.device)
-        torch.addcmul(g0, Wt, k, out=pos).clamp_(g_min, g_max)
-        torch.addcmul(g0, Wt, -k, out=neg).clamp_(g_min, g_max)
+        for Wb, pos in _weight_blocks(W, G[0]):
+            torch.addcmul(g0, Wb, k, out=pos).clamp_(g_min, g_max)
+        for Wb, neg in _weight_blocks(W, G[1]):
+            torch.addcmul(g0, Wb, -k, out=neg).clamp_(g_min, g_max)
         ctx.save_for_backward(W, w_range, k)
-        ctx.grid = (n_r, n_c, pad_r, pad_c)
         ctx.may_clip = may_clip
         return G
 
     @staticmethod
     def backward(ctx, grad_G):
         W, w_range, k = ctx.saved_tensors
-        n_r, n_c, pad_r, pad_c = ctx.grid
-        rows, cols = grad_G.shape[-2:]
-        fan_in, fan_out = W.shape
         # clamp's rule (bounds included): dG+/dW = k on 0 <= W <= w_range, dG-/dW = -k on
         # -w_range <= W <= 0, else 0
-        if pad_r or pad_c:
-            W = torch.nn.functional.pad(W, (0, pad_c, 0, pad_r))
-        Wt = W.reshape(n_r, rows, n_c, cols)
-        gpos, gneg = grad_G[0].permute(0, 2, 1, 3), grad_G[1].permute(0, 2, 1, 3)
-        grad_W = torch.mul(gpos, Wt >= 0).sub_(torch.mul(gneg, Wt <= 0)).mul_(k)
-        if ctx.may_clip:  # w_range is a fixed w_max, which some weights may exceed
-            grad_W.mul_(Wt.abs() <= w_range)
-        grad_W = grad_W.reshape(n_r * rows, n_c * cols)[:fan_in, :fan_out]
+        grad_W = torch.empty_like(W, memory_format=torch.contiguous_format)
+        for (Wb, gpos), (_, gneg), (gW, _) in zip(_weight_blocks(W, grad_G[0]), _weight_blocks(W, grad_G[1]),
+                                                   _weight_blocks(grad_W, grad_G[0])):
+            torch.mul(gpos, Wb >= 0, out=gW).sub_(torch.mul(gneg, Wb <= 0)).mul_(k)
+            if ctx.may_clip:  # w_range is a fixed w_max, which some weights may exceed
+                gW.mul_(Wb.abs() <= w_range)
         return grad_W, None, None, None, None, None, None
 
 
