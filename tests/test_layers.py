@@ -248,7 +248,7 @@ def test_effective_weight_equals_the_physical_read_out():
 def test_tiled_conductance_pair_against_closed_form(w_max, fan_in, fan_out, rows, cols):
     """The fused mapping Function against its closed form, value and gradient, with weights at 0,
     on the clipping range and beyond it: G+- = g_min + k clip(+-W, 0, w_max), dG+/dW = k on
-    0 <= W <= w_max, dG-/dW = -k on -w_max <= W <= 0 (bounds included), 0 beyond."""
+    0 < W <= w_max, dG-/dW = -k on -w_max <= W < 0, half of each at W = 0, 0 beyond."""
     from xbarflow.crossbar.mapping import tiled_conductance_pair
 
     g_min, g_max = 5e-6, 5e-5
@@ -268,7 +268,9 @@ def test_tiled_conductance_pair_against_closed_form(w_max, fan_in, fan_out, rows
     neg_ref = g_min + k_ref * (-W0).clamp(0.0, w_range)
     G_ref = to_tiles(torch.stack((pos_ref, neg_ref)), rows, cols, pad_value=g_min)
     cot_pos, cot_neg = (from_tiles(c, fan_in, fan_out) for c in cot)
-    grad_ref = k_ref * (cot_pos * ((W0 >= 0) & (W0 <= w_range)) - cot_neg * ((W0 <= 0) & (W0 >= -w_range)))
+    on_pos = ((W0 > 0) & (W0 <= w_range)).double() + 0.5 * (W0 == 0)
+    on_neg = ((W0 < 0) & (W0 >= -w_range)).double() + 0.5 * (W0 == 0)
+    grad_ref = k_ref * (cot_pos * on_pos - cot_neg * on_neg)
     assert float(k) == pytest.approx(k_ref, rel=1e-15)
     assert torch.allclose(G, G_ref, rtol=1e-14, atol=0)
     assert torch.allclose(W.grad, grad_ref, rtol=1e-14, atol=0)

@@ -31,9 +31,9 @@ def conductance_pair(
         ``(G_pos, G_neg, k)``: conductances in siemens, each shaped like W, and the
         scale ``k = (g_max - g_min) / w_max`` in siemens per unit weight, so that
         ``G_pos - G_neg = k * clip(W, -w_max, w_max)``. Gradient: ``dG+/dW = k`` on
-        ``0 <= W <= w_max`` and ``dG-/dW = -k`` on ``-w_max <= W <= 0``, bounds included
-        (at W = 0 both devices move, as the smooth differential ``k W`` does; the largest
-        |W| keeps its gradient), 0 beyond ``w_max``.
+        ``0 < W <= w_max`` and ``dG-/dW = -k`` on ``-w_max <= W < 0`` (the largest |W|
+        keeps its gradient), the mean of the two one-sided derivatives at ``W = 0``
+        (``k/2`` and ``-k/2``), and 0 beyond ``w_max``.
     """
     fan_in, fan_out = W.shape
     G, k = tiled_conductance_pair(W, g_min, g_max, fan_in, fan_out, w_max)  # one tile: the same rule
@@ -117,12 +117,16 @@ class _TiledPair(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_G):
         W, w_range, k = ctx.saved_tensors
-        # clamp's rule (bounds included): dG+/dW = k on 0 <= W <= w_range, dG-/dW = -k on
-        # -w_range <= W <= 0, else 0
+        # dG+/dW = k for W > 0, dG-/dW = -k for W < 0, the mean of the two one-sided derivatives
+        # at W = 0, and 0 beyond a fixed w_max: with h = k (1 + sign W) / 2 in {0, k/2, k},
+        # grad = g+ h + g- (h - k), exact where h is 0 or k. Float arithmetic only: on CPU,
+        # comparisons and where() cost several times a float pass.
         grad_W = torch.empty_like(W, memory_format=torch.contiguous_format)
+        half_k = 0.5 * k
         for (Wb, gpos), (_, gneg), (gW, _) in zip(_weight_blocks(W, grad_G[0]), _weight_blocks(W, grad_G[1]),
                                                    _weight_blocks(grad_W, grad_G[0])):
-            torch.mul(gpos, Wb >= 0, out=gW).sub_(torch.mul(gneg, Wb <= 0)).mul_(k)
+            h = torch.sign(Wb).mul_(half_k).add_(half_k)
+            torch.mul(gpos, h, out=gW).addcmul_(gneg, h.sub_(k))
             if ctx.may_clip:  # w_range is a fixed w_max, which some weights may exceed
                 gW.mul_(Wb.abs() <= w_range)
         return grad_W, None, None, None, None, None, None
