@@ -124,7 +124,7 @@ class _TiledPair(torch.autograd.Function):
         grad_W = torch.empty_like(W, memory_format=torch.contiguous_format)
         half_k = 0.5 * k
         for (Wb, gpos), (_, gneg), (gW, _) in zip(_weight_blocks(W, grad_G[0]), _weight_blocks(W, grad_G[1]),
-                                                   _weight_blocks(grad_W, grad_G[0])):
+                                                   _weight_blocks(grad_W, grad_G[0]), strict=True):
             h = torch.sign(Wb).mul_(half_k).add_(half_k)
             torch.mul(gpos, h, out=gW).addcmul_(gneg, h.sub_(k))
             if ctx.may_clip:  # w_range is a fixed w_max, which some weights may exceed
