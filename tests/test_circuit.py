@@ -191,3 +191,22 @@ def test_merged_identical_columns_match_nodal_analysis_and_gradcheck(rows, cols,
     assert torch.autograd.gradcheck(
         lambda g: transfer_columns_merged(torch.cat((g, pad * 20), -1), used, r_source=r_source, r_sink=r_sink),
         (Gu,))
+
+
+@pytest.mark.filterwarnings("ignore:crossbar circuit too ill-conditioned")
+def test_float32_check_from_the_range_decides_as_the_full_estimate():
+    """The range-only bound that skips the float32 accuracy check's passes over G never changes
+    its decision (cases on both sides of the threshold)."""
+    from xbarflow.crossbar.circuit import _float64_if_needed, check_conductance
+
+    gen = torch.Generator().manual_seed(3)
+    decisions = set()
+    for rows, cols in ((64, 64), (784, 11), (9, 40)):
+        for lo, hi in ((1e-6, 1e-4), (1e-5, 1e-3), (0.0, 1e-2)):
+            G = lo + (hi - lo) * torch.rand(2, rows, cols, generator=gen)
+            extremes = check_conductance("G", G)
+            for r_source, r_sink in ((1e3, 1e3), (1e4, 100.0), (50.0, 1e5), (1e5, 1e5)):
+                full = _float64_if_needed(G, r_source, r_sink)
+                assert _float64_if_needed(G, r_source, r_sink, extremes) == full
+                decisions.add(full)
+    assert decisions == {True, False}

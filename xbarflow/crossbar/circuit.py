@@ -54,8 +54,11 @@ def check_resistance(name: str, value: float) -> float:
     return value
 
 
-def check_conductance(name: str, G: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming ``name`` unless G is a finite, non-negative, >=2-D float tensor."""
+def check_conductance(name: str, G: torch.Tensor) -> Optional[Tuple[float, float]]:
+    """Raise ``ValueError`` naming ``name`` unless G is a finite, non-negative, >=2-D float tensor.
+
+    Returns ``(min, max)`` of G in siemens where the values were read (on the CPU), else None.
+    """
     if not isinstance(G, torch.Tensor) or not G.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor of conductances in siemens")
     if G.dim() < 2:
@@ -63,7 +66,7 @@ def check_conductance(name: str, G: torch.Tensor) -> None:
     if G.shape[-1] == 0 or G.shape[-2] == 0:
         raise ValueError(f"{name} must have at least one row and one column (got {tuple(G.shape)})")
     if not _host_checks(G):
-        return  # a value check would stop the host until the device catches up (NaN propagates)
+        return None  # a value check would stop the host until the device catches up (NaN propagates)
     with torch.no_grad():
         extremes = torch.aminmax(G)  # one pass; NaN propagates to both
         lo, hi = float(extremes.min), float(extremes.max)
@@ -71,6 +74,7 @@ def check_conductance(name: str, G: torch.Tensor) -> None:
             raise ValueError(f"{name} must be finite (found NaN or inf)")
         if lo < 0:
             raise ValueError(f"{name} must be >= 0 siemens (found {lo:.3e})")
+    return lo, hi
 
 
 def _host_checks(t: torch.Tensor) -> bool:
@@ -116,10 +120,24 @@ def float32_error_estimate(G: torch.Tensor, r_source: float, r_sink: float) -> f
     return _EPS32 * r_sink * c_max / lam_min
 
 
-def _float64_if_needed(G: torch.Tensor, r_source: float, r_sink: float) -> bool:
-    """True (with a warning) when a float32 result would lose its accuracy."""
+def _float64_if_needed(G: torch.Tensor, r_source: float, r_sink: float,
+                       extremes: Optional[Tuple[float, float]] = None) -> bool:
+    """True (with a warning) when a float32 result would lose its accuracy.
+
+    ``extremes``: ``(min, max)`` of G if known (:func:`check_conductance`). The estimate's
+    worst case over all tiles with entries in that range needs no pass over G, and settles
+    the question for the usual device ranges.
+    """
     if G.dtype != torch.float32 or r_sink == 0.0 or r_source == 0.0:
         return False  # with one side ideal, B is I + diagonal, or M is well-conditioned
+    if extremes is not None:
+        lo, hi = extremes
+        rows, cols = G.shape[-2], G.shape[-1]
+        # c_j <= rows hi and (G^T a)_j >= rows lo / (1 + r_source cols hi) in
+        # float32_error_estimate's ratio
+        worst = _EPS32 * r_sink * rows * hi / (1.0 + r_sink * rows * lo / (1.0 + r_source * cols * hi))
+        if worst <= FLOAT32_MAX_REL_ERROR:
+            return False
     if not _host_checks(G):
         key = (tuple(G.shape), r_source, r_sink, G.device)
         calls, sticky = _device_checks.get(key, (0, False))
@@ -350,7 +368,7 @@ def transfer_matrix(G: torch.Tensor, *, r_source: float, r_sink: float, r_wire: 
     Raises:
         ValueError: negative or non-finite resistance or conductance.
     """
-    check_conductance("G", G)
+    extremes = check_conductance("G", G)
     r_source = check_resistance("r_source", r_source)
     r_sink = check_resistance("r_sink", r_sink)
     r_wire = check_resistance("r_wire", r_wire)
@@ -367,7 +385,7 @@ def transfer_matrix(G: torch.Tensor, *, r_source: float, r_sink: float, r_wire: 
     rows, cols = G.shape[-2], G.shape[-1]
     # Eliminating the columns instead is the same formula on the transposed circuit.
     Gc, rs, rk = (G, r_source, r_sink) if cols <= rows else (G.mT, r_sink, r_source)
-    if _float64_if_needed(Gc, rs, rk):
+    if _float64_if_needed(Gc, rs, rk, extremes):
         T = _TransferCols.apply(Gc.double(), rs, rk).to(G.dtype)
     else:
         T = _TransferCols.apply(Gc, rs, rk)
@@ -550,7 +568,8 @@ def transfer_columns(G: torch.Tensor, u: int, *, r_source: float, r_sink: float)
     return _TransferColumns.apply(G, float(r_source), float(r_sink), int(u))
 
 
-def apply_transfer(U: torch.Tensor, G: torch.Tensor, *, r_source: float, r_sink: float) -> torch.Tensor:
+def apply_transfer(U: torch.Tensor, G: torch.Tensor, *, r_source: float, r_sink: float,
+                   extremes: Optional[Tuple[float, float]] = None) -> torch.Tensor:
     """``U @ transfer_matrix(G, ...)`` without forming T (no input checks).
 
     Args:
@@ -558,6 +577,8 @@ def apply_transfer(U: torch.Tensor, G: torch.Tensor, *, r_source: float, r_sink:
         G: conductances in siemens, ``(..., rows, cols)`` with ``cols <= rows``;
             leading dimensions broadcast against U's.
         r_source, r_sink: resistances in ohm, both ``> 0``.
+        extremes: ``(min, max)`` of G from :func:`check_conductance`, if known (saves the
+            float32 accuracy check its passes over G).
 
     Returns:
         ``U T``, shape ``(..., m, cols)``; exact, differentiable in U and G. Every
@@ -565,6 +586,6 @@ def apply_transfer(U: torch.Tensor, G: torch.Tensor, *, r_source: float, r_sink:
         factorisation), which is cheaper than the explicit T when ``m < cols``.
     """
     assert G.shape[-1] <= G.shape[-2] and r_source > 0 and r_sink > 0
-    if _float64_if_needed(G, r_source, r_sink):
+    if _float64_if_needed(G, r_source, r_sink, extremes):
         return _ApplyTransfer.apply(U.double(), G.double(), float(r_source), float(r_sink)).to(U.dtype)
     return _ApplyTransfer.apply(U, G, float(r_source), float(r_sink))

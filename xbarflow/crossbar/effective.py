@@ -208,12 +208,12 @@ def effective_apply(
     fan_in, fan_out = W.shape
     batch = x.shape[0]
     G, k = device_conductances(W, spec, chip, name, read)
-    check_conductance("G", G)
+    extremes = check_conductance("G", G)
     n_r, n_c, rows, cols = G.shape[-4:]
     # inputs of padded rows are 0 V
     xp = torch.nn.functional.pad(x, (0, n_r * rows - fan_in)) if n_r * rows != fan_in else x
     U = xp.reshape(batch, n_r, rows).transpose(0, 1).unsqueeze(1)          # (n_r, 1, batch, rows)
-    Y = apply_transfer(U, G, r_source=spec.r_source, r_sink=spec.r_sink)   # (..., n_r, n_c, batch, cols)
+    Y = apply_transfer(U, G, r_source=spec.r_source, r_sink=spec.r_sink, extremes=extremes)  # (.., n_r, n_c, batch, cols)
     Y = Y.sum(-4)                                                          # tiles sharing outputs add up
     Y = Y.transpose(-3, -2).reshape(*Y.shape[:-3], batch, n_c * cols)
     if spec.mapping == "interleaved":
