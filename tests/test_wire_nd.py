@@ -19,8 +19,10 @@ def _G(rng, *shape, lo=1 / 200e3, hi=1 / 20e3):
     return rng.uniform(lo, hi, size=shape)
 
 
-# (r_source, r_sink, r_wire) in ohm, all > 0: realistic, wire-dominated, near-ideal wire
-RESISTANCES = [(1e3, 1e3, 2.5), (100.0, 5e3, 500.0), (5e3, 50.0, 1e-3)]
+# (r_source, r_sink, r_wire) in ohm: realistic, wire-dominated, near-ideal wire, and ideal drivers
+# and/or neurons (a zero end resistance pins that node: the leaves' limit formulas)
+RESISTANCES = [(1e3, 1e3, 2.5), (100.0, 5e3, 500.0), (5e3, 50.0, 1e-3),
+               (0.0, 1e3, 2.5), (1e3, 0.0, 2.5), (0.0, 0.0, 10.0)]
 SHAPES = [(1, 1), (1, 5), (5, 1), (2, 3), (3, 2), (8, 8), (7, 13), (17, 5), (5, 17), (33, 64)]
 
 
@@ -70,7 +72,8 @@ def test_tiny_wire_resistance_matches_no_wire_solver(rows, cols):
 
 
 @pytest.mark.parametrize("rows,cols", [(3, 4), (4, 3), (2, 5), (5, 5)])
-@pytest.mark.parametrize("r_source,r_sink,r_wire", [(500.0, 800.0, 200.0), (300.0, 100.0, 10.0)])
+@pytest.mark.parametrize("r_source,r_sink,r_wire", [(500.0, 800.0, 200.0), (300.0, 100.0, 10.0),
+                                                    (0.0, 800.0, 200.0), (300.0, 0.0, 10.0), (0.0, 0.0, 50.0)])
 def test_gradcheck(rows, cols, r_source, r_sink, r_wire):
     rng = np.random.default_rng(5)
     G = torch.tensor(rng.uniform(5e-4, 2e-3, size=(2, rows, cols)), requires_grad=True)
@@ -101,13 +104,13 @@ def test_batched_tiles_match_each_tile():
         assert _rel_err(T[idx].numpy(), ref) <= 1e-8
 
 
-@pytest.mark.parametrize("rows,cols", [(64, 64), (33, 64)])
-def test_float32_close_to_float64(rows, cols):
+@pytest.mark.parametrize("rows,cols,r_source,r_sink", [(64, 64, 1e3, 1e3), (33, 64, 1e3, 1e3), (64, 64, 0.0, 0.0)])
+def test_float32_close_to_float64(rows, cols, r_source, r_sink):
     # measured ~1.2e-6 at 64x64 (the sweep's test allows 1e-5; so does this one)
     rng = np.random.default_rng(9)
     G = torch.tensor(_G(rng, 2, rows, cols), requires_grad=True)
     W = torch.tensor(rng.standard_normal((2, rows, cols)))
-    kw = dict(r_source=1e3, r_sink=1e3, r_wire=2.5)
+    kw = dict(r_source=r_source, r_sink=r_sink, r_wire=2.5)
     T64 = transfer_matrix_wire_nd(G, **kw)
     G32 = G.detach().float().requires_grad_()
     T32 = transfer_matrix_wire_nd(G32, **kw)
@@ -118,10 +121,10 @@ def test_float32_close_to_float64(rows, cols):
     assert g32.dtype == torch.float32 and _rel_err(g32.double().numpy(), g64.numpy()) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["r_source", "r_sink", "r_wire"])
-def test_zero_resistance_is_refused(name):
+@pytest.mark.parametrize("name,value", [("r_wire", 0.0), ("r_source", -1.0), ("r_sink", float("nan"))])
+def test_bad_resistance_is_refused(name, value):
     kw = dict(r_source=1e3, r_sink=1e3, r_wire=2.5)
-    kw[name] = 0.0
+    kw[name] = value
     with pytest.raises(ValueError, match=name):
         transfer_matrix_wire_nd(torch.full((4, 4), 1e-5), **kw)
 
@@ -136,7 +139,8 @@ def test_schedule_keeps_blocks_square_and_pads_to_powers_of_two():
 
 
 @pytest.mark.skipif(shutil.which("ngspice") is None, reason="ngspice not installed")
-@pytest.mark.parametrize("r_source,r_sink,r_wire", [(1e3, 1e3, 2.5), (200.0, 500.0, 50.0)])
+@pytest.mark.parametrize("r_source,r_sink,r_wire", [(1e3, 1e3, 2.5), (200.0, 500.0, 50.0), (0.0, 500.0, 50.0),
+                                                    (200.0, 0.0, 50.0)])
 def test_matches_ngspice(tmp_path, r_source, r_sink, r_wire):
     rng = np.random.default_rng(10)
     G = _G(rng, 4, 3)
@@ -161,11 +165,9 @@ def test_transfer_matrix_dispatch(monkeypatch):
     transfer_matrix(G, **kw)  # auto, tiles below WIRE_ND_MIN_SIZE: the sweep
     monkeypatch.setattr(circuit, "WIRE_ND_MIN_SIZE", 8)
     transfer_matrix(G, **kw)  # auto, both sides >= 8: nested dissection
-    transfer_matrix(G, r_source=0.0, r_sink=1e3, r_wire=2.5)  # auto, pinned sources: the sweep
+    transfer_matrix(G, r_source=0.0, r_sink=1e3, r_wire=2.5)  # auto, pinned sources: nested dissection too
     monkeypatch.setattr(circuit, "WIRE_SOLVER", "nested")
     transfer_matrix(G, **kw)  # the module default
-    assert used == ["sweep", "nested", "sweep", "nested", "sweep", "nested"]
-    with pytest.raises(ValueError, match="r_source > 0"):
-        transfer_matrix(G, r_source=0.0, r_sink=1e3, r_wire=2.5, wire_solver="nested")
+    assert used == ["sweep", "nested", "sweep", "nested", "nested", "nested"]
     with pytest.raises(ValueError, match="wire_solver"):
         transfer_matrix(G, **kw, wire_solver="fast")

@@ -324,25 +324,22 @@ class _TransferCols(torch.autograd.Function):
 # Which exact solver handles r_wire > 0: "sweep" (xbarflow.crossbar.wire, the reference,
 # ~14 n^4 flops per n x n tile), "nested" (xbarflow.crossbar.wire_nd, nested dissection,
 # ~215 n^3 flops but memory-bound per level in eager PyTorch), or "auto": nested dissection
-# where it was measured faster (both tile sides >= WIRE_ND_MIN_SIZE, r_source > 0 and
-# r_sink > 0), else the sweep. Measured with scripts/bench_wire_nd.py (1 CPU thread, float32,
-# TAT step of the FCN 784-500-10, batch 128): 64x64 tiles sweep 1.16 s / nested 3.22 s,
-# 128x128 2.99 s / 3.60 s, 256x256 20.8 s / 4.78 s. Hence 256.
+# where it was measured faster (both tile sides >= WIRE_ND_MIN_SIZE), else the sweep. Both
+# take any r_source, r_sink >= 0. Measured with scripts/bench_wire_nd.py (1 CPU thread,
+# float32, TAT step of the FCN 784-500-10, batch 128): 64x64 tiles sweep 1.16 s / nested
+# 3.22 s, 128x128 2.99 s / 3.60 s, 256x256 20.8 s / 4.78 s. Hence 256.
 WIRE_SOLVER = "auto"
 WIRE_ND_MIN_SIZE = 256
 
 
-def uses_nested_dissection(rows: int, cols: int, r_source: float, r_sink: float, wire_solver: str) -> bool:
+def uses_nested_dissection(rows: int, cols: int, wire_solver: str) -> bool:
     """Whether :func:`transfer_matrix` solves ``rows x cols`` tiles with wire by nested dissection
     (``wire_solver`` as there); the memory estimate asks the same question."""
     if wire_solver not in ("auto", "sweep", "nested"):
         raise ValueError(f"wire_solver must be 'auto', 'sweep' or 'nested' (got {wire_solver!r})")
-    pinned = r_source == 0.0 or r_sink == 0.0  # nested dissection needs both > 0
     if wire_solver == "nested":
-        if pinned:
-            raise ValueError("wire_solver='nested' needs r_source > 0 and r_sink > 0; use 'sweep' or 'auto'")
         return True
-    return wire_solver == "auto" and not pinned and min(rows, cols) >= WIRE_ND_MIN_SIZE
+    return wire_solver == "auto" and min(rows, cols) >= WIRE_ND_MIN_SIZE
 
 
 def transfer_matrix(G: torch.Tensor, *, r_source: float, r_sink: float, r_wire: float = 0.0,
@@ -373,7 +370,7 @@ def transfer_matrix(G: torch.Tensor, *, r_source: float, r_sink: float, r_wire: 
     r_sink = check_resistance("r_sink", r_sink)
     r_wire = check_resistance("r_wire", r_wire)
     if r_wire > 0.0:
-        if uses_nested_dissection(G.shape[-2], G.shape[-1], r_source, r_sink, wire_solver or WIRE_SOLVER):
+        if uses_nested_dissection(G.shape[-2], G.shape[-1], wire_solver or WIRE_SOLVER):
             from . import wire_nd
 
             return wire_nd.transfer_matrix_wire_nd(G, r_source=r_source, r_sink=r_sink, r_wire=r_wire)

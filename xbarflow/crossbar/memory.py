@@ -67,7 +67,7 @@ ND_EVAL_FLOATS = 40
 def _nested(spec: CrossbarSpec) -> bool:
     from . import circuit  # the solver transfer_matrix will pick for these tiles
 
-    return circuit.uses_nested_dissection(spec.rows, spec.cols, spec.r_source, spec.r_sink, circuit.WIRE_SOLVER)
+    return circuit.uses_nested_dissection(spec.rows, spec.cols, circuit.WIRE_SOLVER)
 
 
 def array_memory(fan_in: int, fan_out: int, spec: CrossbarSpec, itemsize: int = 4) -> ArrayMemory:

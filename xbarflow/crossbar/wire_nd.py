@@ -86,9 +86,12 @@ float32; 68 per cell, 17 MB, at 256x256), and the leaves' ``det`` (one per cell)
 ``X = L^-T Y`` is recomputed (``s^2 p``). A second backward through a retained graph
 reuses them.
 
-Limitations: ``r_source > 0``, ``r_sink > 0`` and ``r_wire > 0`` (a zero resistance
-pins a node: the port admittance would be infinite); the sweep handles those cases,
-and :func:`xbarflow.crossbar.circuit.transfer_matrix` dispatches there.
+**Zero end resistances.** ``r_source = 0`` ties a row's first node to its source and
+``r_sink = 0`` a column's last node to ground: that port's conductance would be infinite.
+Those cells' leaves are formed in the limit instead (the pinned node *is* the port, and
+only the other node is eliminated, :func:`_leaf`); everything after the leaves is
+unchanged, since pinned ports are tile terminals that no merge eliminates. ``r_wire > 0``
+is required (``r_wire = 0`` is the no-wire circuit of :mod:`xbarflow.crossbar.circuit`).
 """
 from __future__ import annotations
 
@@ -325,25 +328,31 @@ def _cell_order(rp: int, cp: int, levels: list[Merge]) -> list[int]:
 
 
 def _edge_conductances(rp: int, cp: int, r_source: float, r_sink: float, r_wire: float,
-                       dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Port conductances of every cell (S), ``(4, rp, cp)`` for ``[L, R, T, B]``.
+                       dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Port conductances of every cell (S), ``(4, rp, cp)`` for ``[L, R, T, B]``, and the pinned ports.
 
     Half segments ``2 / r_wire`` inside; ``1 / r_source`` on the left edge, ``1 / r_sink`` on the
     bottom edge, 0 (open) on the right and top edges. The real cells occupy the last ``rows``
-    rows and first ``cols`` columns of the padded ``rp x cp`` grid.
+    rows and first ``cols`` columns of the padded ``rp x cp`` grid. A zero end resistance
+    *pins* the port to the cell's node (the row node is the source, or the column node the
+    virtual ground): its conductance is stored as 0 and the mask ``(2, rp, cp)`` (``[L, B]``,
+    1.0 where pinned) selects the leaf's limit formulas (:func:`_leaf`).
     """
     g = torch.full((4, rp, cp), 2.0 / r_wire, dtype=dtype, device=device)
-    g[0, :, 0] = 1.0 / r_source
+    pinned = torch.zeros((2, rp, cp), dtype=dtype, device=device)
+    g[0, :, 0] = 1.0 / r_source if r_source > 0.0 else 0.0
+    pinned[0, :, 0] = float(r_source == 0.0)
     g[1, :, cp - 1] = 0.0
     g[2, 0, :] = 0.0
-    g[3, rp - 1, :] = 1.0 / r_sink
-    return g
+    g[3, rp - 1, :] = 1.0 / r_sink if r_sink > 0.0 else 0.0
+    pinned[1, rp - 1, :] = float(r_sink == 0.0)
+    return g, pinned
 
 
 _NODE = [[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 2, 2], [1, 1, 2, 2]]
 
 
-def _leaf(G: torch.Tensor, gg: torch.Tensor, g: torch.Tensor):
+def _leaf(G: torch.Tensor, gg: torch.Tensor, g: torch.Tensor, pinned=None):
     """Port off-diagonals of single cells, blocks last ``(4, 4, cells, B)``, and what the adjoint needs.
 
     ``G``: ``(cells, B)``; ``g``: port conductances ``(4, cells, 1)`` ``[gl, gr, gt, gb]``, ``gg``
@@ -352,6 +361,13 @@ def _leaf(G: torch.Tensor, gg: torch.Tensor, g: torch.Tensor):
     only): with ``gu = gl + gr``, ``gw = gt + gb``, ``det = gu gw + G (gu + gw)``, the node
     impedances are ``Muu = (gw + G) / det``, ``Mww = (gu + G) / det``, ``Muw = G / det``, and
     ``W[p, q] = g_p g_q M[node(p), node(q)]``.
+
+    ``pinned`` (``(2, cells, 1)``, ``[L, B]``, or None): cells whose L port is their row node u
+    (r_source = 0) or whose B port is their column node w (r_sink = 0). Only the other node is
+    eliminated; these are the limits ``gl -> inf`` / ``gb -> inf`` of the formulas above:
+    L pinned: ``W[L,R] = gr``, ``W[L,T] = G gt / (G + gw)``, ``W[L,B] = G gb / (G + gw)``,
+    ``W[T,B] = gt gb / (G + gw)``; B pinned: the same with the roles of the row and column
+    swapped; both: ``W[L,R] = gr``, ``W[L,B] = G``, ``W[B,T] = gt``; all others 0.
     """
     gu, gw = g[0] + g[1], g[2] + g[3]
     det = gu * gw + G * (gu + gw)
@@ -359,21 +375,46 @@ def _leaf(G: torch.Tensor, gg: torch.Tensor, g: torch.Tensor):
     M3 = torch.stack(((gw + G) * inv, G * inv, (gu + G) * inv))  # Muu, Muw, Mww
     node = torch.tensor(_NODE, device=G.device)
     W = M3[node] * gg
-    return W, (gu, gw, inv)
+    if pinned is None:
+        return W, (gu, gw, inv, None)
+    gl, gr, gt, gb = g
+    pl, pb = pinned[0].expand_as(G), pinned[1].expand_as(G)
+    only_l, only_b, both = pl * (1 - pb), pb * (1 - pl), pl * pb
+    # L pinned: eliminate w only; B pinned: u only (0 elsewhere: a padded 0 S cell may have G + gw = 0)
+    inv_l = torch.where(only_l > 0, 1.0 / (G + gw), 0.0)
+    inv_b = torch.where(only_b > 0, 1.0 / (G + gu), 0.0)
+    lim = torch.zeros_like(W)
+    lim[0, 1] = gr * (only_l + both) + gl * gr * inv_b * only_b
+    lim[0, 2] = G * gt * inv_l * only_l
+    lim[0, 3] = G * gb * inv_l * only_l + G * gl * inv_b * only_b + G * both
+    lim[1, 3] = G * gr * inv_b * only_b
+    lim[2, 3] = gt * gb * inv_l * only_l + gt * (only_b + both)
+    lim = lim + lim.transpose(0, 1)
+    general = 1 - torch.maximum(pl, pb)
+    W = torch.where(general > 0, W, lim)  # where: the general formula may divide by 0 there
+    return W, (gu, gw, inv, (only_l, only_b, both, inv_l, inv_b))
 
 
 def _leaf_grad(Wbar: torch.Tensor, g: torch.Tensor, aux) -> torch.Tensor:
     """Adjoint of G ``(cells, B)`` from that of the leaf off-diagonals ``Wbar`` ``(4, 4, cells, B)``.
 
-    ``dMuu/dG = -gw^2 / det^2``, ``dMww/dG = -gu^2 / det^2``, ``dMuw/dG = gu gw / det^2``.
+    ``dMuu/dG = -gw^2 / det^2``, ``dMww/dG = -gu^2 / det^2``, ``dMuw/dG = gu gw / det^2``; for
+    pinned cells the derivatives of :func:`_leaf`'s limit formulas.
     """
-    gu, gw, inv = aux
+    gu, gw, inv, pins = aux
     gl, gr, gt, gb = g
     S = Wbar + Wbar.transpose(0, 1)  # each off-diagonal pair once, counted for both entries
     s_uu = S[0, 1] * (gl * gr)
     s_ww = S[2, 3] * (gt * gb)
     s_uw = (S[0, 2] * gt + S[0, 3] * gb) * gl + (S[1, 2] * gt + S[1, 3] * gb) * gr
-    return (gu * gw * s_uw - gw * gw * s_uu - gu * gu * s_ww) * inv * inv
+    grad = (gu * gw * s_uw - gw * gw * s_uu - gu * gu * s_ww) * inv * inv
+    if pins is None:
+        return grad
+    only_l, only_b, both, inv_l, inv_b = pins
+    grad_l = (gw * (S[0, 2] * gt + S[0, 3] * gb) - S[2, 3] * gt * gb) * inv_l * inv_l
+    grad_b = (gu * (S[0, 3] * gl + S[1, 3] * gr) - S[0, 1] * gl * gr) * inv_b * inv_b
+    general = 1 - only_l - only_b - both
+    return torch.where(general > 0, grad, grad_l * only_l + grad_b * only_b + S[0, 3] * both)
 
 
 # Levels whose separator has at most this many nodes run in the blocks-last layout.
@@ -388,8 +429,9 @@ class _Plan:
         self.rp, self.cp, self.levels = merge_schedule(rows, cols)
         self.bits = (self.rp.bit_length() - 1) + (self.cp.bit_length() - 1)
         self.order = _cell_order(self.rp, self.cp, self.levels)
-        g = _edge_conductances(self.rp, self.cp, r_source, r_sink, r_wire, dtype, device)
+        g, pinned = _edge_conductances(self.rp, self.cp, r_source, r_sink, r_wire, dtype, device)
         self.g = self.to_cells(g.unsqueeze(-1))  # (4, cells, 1)
+        self.pinned = self.to_cells(pinned.unsqueeze(-1)) if r_source == 0.0 or r_sink == 0.0 else None
         self.gg = self.g[:, None] * self.g[None, :]
         self.gg.diagonal(dim1=0, dim2=1).zero_()
         self.n_last = sum(1 for m in self.levels if m.sep <= max(1, BLOCKS_LAST_MAX_SEP))
@@ -420,7 +462,7 @@ def _forward(G: torch.Tensor, plan: _Plan, keep: bool):
     B, rows, cols = G.shape
     Gp = G.new_zeros(plan.rp, plan.cp, B)
     Gp[plan.rp - rows:, :cols] = G.permute(1, 2, 0)  # padding: top rows, right columns (open ends)
-    W, leaf_aux = _leaf(plan.to_cells(Gp), plan.gg, plan.g)
+    W, leaf_aux = _leaf(plan.to_cells(Gp), plan.gg, plan.g, plan.pinned)
     W = W.view(4, 4, -1)
     saved = []
     nlev = len(plan.levels)
@@ -488,8 +530,8 @@ def transfer_matrix_wire_nd(G: torch.Tensor, *, r_source: float, r_sink: float, 
     Args:
         G: device conductances in siemens, shape ``(..., rows, cols)``; leading dimensions
             batch over independent tiles. float32 or float64 (computed in this dtype).
-        r_source: row driver output resistance, ohm (``> 0``).
-        r_sink: column neuron input resistance, ohm (``> 0``).
+        r_source: row driver output resistance, ohm (``>= 0``; 0 drives the row's first node).
+        r_sink: column neuron input resistance, ohm (``>= 0``; 0 grounds the column's end).
         r_wire: resistance of every wire segment between neighbouring cells, ohm (``> 0``).
 
     Returns:
@@ -497,15 +539,15 @@ def transfer_matrix_wire_nd(G: torch.Tensor, *, r_source: float, r_sink: float, 
         row source voltages V (V). Differentiable in G (hand-written exact adjoint).
 
     Raises:
-        ValueError: a resistance that is not finite and ``> 0`` (``r_source = 0`` or
-            ``r_sink = 0`` pins a node; use :func:`xbarflow.crossbar.wire.transfer_matrix_wire`).
+        ValueError: a negative or non-finite resistance, or ``r_wire = 0``.
     """
-    vals = {"r_source": r_source, "r_sink": r_sink, "r_wire": r_wire}
-    for name, v in vals.items():
+    for name, v in {"r_source": r_source, "r_sink": r_sink}.items():
         v = float(v)
-        if not math.isfinite(v) or v <= 0.0:
-            raise ValueError(f"{name} must be a finite resistance > 0 ohm for the nested-dissection "
-                             f"solver (got {v}); the sweep (wire.transfer_matrix_wire) handles 0")
+        if not math.isfinite(v) or v < 0.0:
+            raise ValueError(f"{name} must be a finite resistance >= 0 ohm (got {v})")
+    if not math.isfinite(float(r_wire)) or float(r_wire) <= 0.0:
+        raise ValueError(f"r_wire must be a finite resistance > 0 ohm for a wire solver (got {float(r_wire)}); "
+                         "circuit.transfer_matrix handles r_wire = 0")
     rows, cols = G.shape[-2], G.shape[-1]
     batch = G.shape[:-2]
     T = _WireND.apply(G.reshape(-1, rows, cols), float(r_source), float(r_sink), float(r_wire))
