@@ -103,7 +103,7 @@ class _TiledPair(torch.autograd.Function):
         G = W.new_empty(2, n_r, n_c, rows, cols)
         if n_r * rows != fan_in or n_c * cols != fan_out:
             G.fill_(g_min)  # padded cells: weight 0 (cheaper than writing the real ones twice)
-        g0 = torch.tensor(g_min, dtype=W.dtype, device=W.device)
+        g0 = W.new_full((), g_min)  # a fill on the device, no host copy
         # written straight into the contiguous tile layout, so no later product copies G;
         # two passes per array: g_min + k W (one fused op), then the clamp to the device range
         for Wb, pos in _weight_blocks(W, G[0]):
