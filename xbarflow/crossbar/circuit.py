@@ -460,14 +460,15 @@ def transfer_columns_merged(G: torch.Tensor, used: int, *, r_source: float, r_si
 
 
 def _cols_system(G: torch.Tensor, r_source: float, r_sink: float):
-    """``(a, s, L)`` of the ``cols x cols`` system: row factors a, s and ``B = L L^T``."""
+    """``(a, s, L, aG)`` of the ``cols x cols`` system: row factors a, s, ``B = L L^T`` and ``diag(a) G``."""
     a = 1.0 / (1.0 + r_source * G.sum(-1))
     s = r_source * a
-    # Only the lower triangle of B is read by the Cholesky factorisation, so the
-    # Gram product is not symmetrised; the diagonal is added in place.
-    B = (G.mT @ (s.unsqueeze(-1) * G)).mul_(-r_sink)
+    aG = a.unsqueeze(-1) * G
+    # G^T diag(s) G = r_source (aG)^T G, its scale applied inside BLAS. Only the lower triangle
+    # of B is read by the Cholesky factorisation, so the Gram product is not symmetrised.
+    B = _scaled_bmm(aG.mT, G, -r_source * r_sink)
     B.diagonal(dim1=-2, dim2=-1).add_(G.sum(-2), alpha=r_sink).add_(1.0)
-    return a, s, _cholesky(B)
+    return a, s, _cholesky(B), aG
 
 
 def _grad_factored(G, a, s, L, Lf, Xr, F1, r_source, r_sink):
@@ -503,11 +504,11 @@ class _TransferColumns(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, G, r_source, r_sink, u):
-        a, s, L = _cols_system(G, r_source, r_sink)
+        a, s, L, aG = _cols_system(G, r_source, r_sink)
         n = G.shape[-1]
         E = torch.eye(n, u, dtype=G.dtype, device=G.device).expand(*G.shape[:-2], n, u)
         Xu = torch.cholesky_solve(E, L)                       # B^-1 E, (..., n, u)
-        T = (a.unsqueeze(-1) * G) @ Xu
+        T = aG @ Xu
         ctx.r = (r_source, r_sink)
         ctx.save_for_backward(G, a, s, L, Xu)
         return T
@@ -526,8 +527,8 @@ class _ApplyTransfer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, U, G, r_source, r_sink):
-        a, s, L = _cols_system(G, r_source, r_sink)
-        Z = U @ (a.unsqueeze(-1) * G)                         # (..., m, n)
+        a, s, L, aG = _cols_system(G, r_source, r_sink)
+        Z = U @ aG                                            # (..., m, n)
         Y = torch.cholesky_solve(Z.mT, L).mT                  # Z B^-1
         ctx.r = (r_source, r_sink)
         ctx.save_for_backward(U, G, a, s, L, Y)
