@@ -242,6 +242,25 @@ def _rowdot(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return (X.reshape(-1, 1, n) @ Y.reshape(-1, n, 1)).reshape(X.shape[:-1])
 
 
+def _cols_matrix(G: torch.Tensor, r_source: float, r_sink: float, sink_weight: Optional[torch.Tensor] = None):
+    """``(a, diag(a) G, B)`` of the ``cols x cols`` system ``B = D + r_sink (diag(c) - G^T diag(s) G)``.
+
+    ``a = 1 / (1 + r_source r)`` per row, ``s = r_source a``, ``D = diag(sink_weight)`` (I by
+    default). ``G^T diag(s) G = r_source (aG)^T G`` is one product, its scale applied inside
+    the BLAS call. Only the lower triangle of B is ever read (Cholesky factorisations), so
+    the Gram product's rounding needs no symmetrising.
+    """
+    a = 1.0 / (1.0 + r_source * G.sum(-1))
+    aG = a.unsqueeze(-1) * G
+    if r_source > 0:
+        B = _scaled_bmm(aG.mT, G, -r_source * r_sink)
+    else:
+        B = G.new_zeros(*G.shape[:-2], G.shape[-1], G.shape[-1])
+    diag = B.diagonal(dim1=-2, dim2=-1).add_(G.sum(-2), alpha=r_sink)
+    diag.add_(1.0) if sink_weight is None else diag.add_(sink_weight)
+    return a, aG, B
+
+
 def _transfer_cols_forward(G: torch.Tensor, r_source: float, r_sink: float,
                            sink_weight: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], ...]:
     """T = diag(a) G B^-1 with the ``cols x cols`` system; returns T and what backward needs.
@@ -250,21 +269,10 @@ def _transfer_cols_forward(G: torch.Tensor, r_source: float, r_sink: float,
     ``1 / r_sink``: column j stands for ``sink_weight[j]`` identical columns in parallel (see
     :func:`transfer_columns_merged`); B's diagonal gets ``sink_weight`` instead of 1.
     """
-    r = G.sum(-1)
-    a = 1.0 / (1.0 + r_source * r)
     if r_sink == 0.0:
+        a = 1.0 / (1.0 + r_source * G.sum(-1))
         return a.unsqueeze(-1) * G, a, None
-    c = G.sum(-2)
-    aG = a.unsqueeze(-1) * G
-    # B = D + r_sink (diag(c) - G^T diag(s) G) with s = r_source a, so G^T diag(s) G =
-    # r_source (aG)^T G: one product, scaled inside the BLAS call. The Cholesky factorisations
-    # read only the lower triangle, so the Gram product's rounding needs no symmetrising.
-    if r_source > 0:
-        B = _scaled_bmm(aG.mT, G, -r_source * r_sink)
-    else:
-        B = G.new_zeros(*G.shape[:-2], G.shape[-1], G.shape[-1])
-    diag = B.diagonal(dim1=-2, dim2=-1).add_(c, alpha=r_sink)
-    diag.add_(1.0) if sink_weight is None else diag.add_(sink_weight)
+    a, aG, B = _cols_matrix(G, r_source, r_sink, sink_weight)
     B_inv = _spd_inverse(B)
     T = aG @ B_inv
     return T, a, B_inv
@@ -461,14 +469,8 @@ def transfer_columns_merged(G: torch.Tensor, used: int, *, r_source: float, r_si
 
 def _cols_system(G: torch.Tensor, r_source: float, r_sink: float):
     """``(a, s, L, aG)`` of the ``cols x cols`` system: row factors a, s, ``B = L L^T`` and ``diag(a) G``."""
-    a = 1.0 / (1.0 + r_source * G.sum(-1))
-    s = r_source * a
-    aG = a.unsqueeze(-1) * G
-    # G^T diag(s) G = r_source (aG)^T G, its scale applied inside BLAS. Only the lower triangle
-    # of B is read by the Cholesky factorisation, so the Gram product is not symmetrised.
-    B = _scaled_bmm(aG.mT, G, -r_source * r_sink)
-    B.diagonal(dim1=-2, dim2=-1).add_(G.sum(-2), alpha=r_sink).add_(1.0)
-    return a, s, _cholesky(B), aG
+    a, aG, B = _cols_matrix(G, r_source, r_sink)
+    return a, r_source * a, _cholesky(B), aG
 
 
 def _grad_factored(G, a, s, L, Lf, Xr, F1, r_source, r_sink):

@@ -137,8 +137,10 @@ def tiled_conductance_pair(W: torch.Tensor, g_min: float, g_max: float, rows: in
     """:func:`conductance_pair` of W, stacked (G+ then G-) and cut into ``rows x cols`` tiles.
 
     Equals ``to_tiles(torch.stack(conductance_pair(W, ...)[:2]), rows, cols, pad_value=g_min)``
-    (value to rounding, and gradient), in two passes per array forward and five backward, and the result
-    is contiguous in the tile layout (the batched products downstream need no copy).
+    (:func:`conductance_pair` is this Function on one tile), with the gradient documented
+    there. Two passes per array forward and six for the gradient, over the weight cells
+    only; the result is contiguous in the tile layout (the batched products downstream
+    need no copy).
 
     Args:
         W: weights, shape ``(fan_in, fan_out)``, dimensionless (any strides).

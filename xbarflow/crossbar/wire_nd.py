@@ -362,8 +362,9 @@ def _leaf(G: torch.Tensor, gg: torch.Tensor, g: torch.Tensor, pinned=None):
     impedances are ``Muu = (gw + G) / det``, ``Mww = (gu + G) / det``, ``Muw = G / det``, and
     ``W[p, q] = g_p g_q M[node(p), node(q)]``.
 
-    ``pinned`` (``(2, cells, 1)``, ``[L, B]``, or None): cells whose L port is their row node u
-    (r_source = 0) or whose B port is their column node w (r_sink = 0). Only the other node is
+    ``pinned`` (None, or masks ``(cells, 1)`` ``(only_l, only_b, both)``, 1.0 where true; see
+    :meth:`_Plan.pin_masks`): cells whose L port is their row node u (r_source = 0) and/or
+    whose B port is their column node w (r_sink = 0). Only the other node is
     eliminated; these are the limits ``gl -> inf`` / ``gb -> inf`` of the formulas above:
     L pinned: ``W[L,R] = gr``, ``W[L,T] = G gt / (G + gw)``, ``W[L,B] = G gb / (G + gw)``,
     ``W[T,B] = gt gb / (G + gw)``; B pinned: the same with the roles of the row and column
@@ -378,8 +379,7 @@ def _leaf(G: torch.Tensor, gg: torch.Tensor, g: torch.Tensor, pinned=None):
     if pinned is None:
         return W, (gu, gw, inv, None)
     gl, gr, gt, gb = g
-    pl, pb = pinned[0].expand_as(G), pinned[1].expand_as(G)
-    only_l, only_b, both = pl * (1 - pb), pb * (1 - pl), pl * pb
+    only_l, only_b, both = pinned
     # L pinned: eliminate w only; B pinned: u only (0 elsewhere: a padded 0 S cell may have G + gw = 0)
     inv_l = torch.where(only_l > 0, 1.0 / (G + gw), 0.0)
     inv_b = torch.where(only_b > 0, 1.0 / (G + gu), 0.0)
@@ -390,9 +390,9 @@ def _leaf(G: torch.Tensor, gg: torch.Tensor, g: torch.Tensor, pinned=None):
     lim[1, 3] = G * gr * inv_b * only_b
     lim[2, 3] = gt * gb * inv_l * only_l + gt * (only_b + both)
     lim = lim + lim.transpose(0, 1)
-    general = 1 - torch.maximum(pl, pb)
-    W = torch.where(general > 0, W, lim)  # where: the general formula may divide by 0 there
-    return W, (gu, gw, inv, (only_l, only_b, both, inv_l, inv_b))
+    general = only_l + only_b + both == 0
+    W = torch.where(general, W, lim)  # where: the general formula may divide by 0 there
+    return W, (gu, gw, inv, (only_l, only_b, both, general, inv_l, inv_b))
 
 
 def _leaf_grad(Wbar: torch.Tensor, g: torch.Tensor, aux) -> torch.Tensor:
@@ -410,11 +410,10 @@ def _leaf_grad(Wbar: torch.Tensor, g: torch.Tensor, aux) -> torch.Tensor:
     grad = (gu * gw * s_uw - gw * gw * s_uu - gu * gu * s_ww) * inv * inv
     if pins is None:
         return grad
-    only_l, only_b, both, inv_l, inv_b = pins
+    only_l, only_b, both, general, inv_l, inv_b = pins
     grad_l = (gw * (S[0, 2] * gt + S[0, 3] * gb) - S[2, 3] * gt * gb) * inv_l * inv_l
     grad_b = (gu * (S[0, 3] * gl + S[1, 3] * gr) - S[0, 1] * gl * gr) * inv_b * inv_b
-    general = 1 - only_l - only_b - both
-    return torch.where(general > 0, grad, grad_l * only_l + grad_b * only_b + S[0, 3] * both)
+    return torch.where(general, grad, grad_l * only_l + grad_b * only_b + S[0, 3] * both)
 
 
 # Levels whose separator has at most this many nodes run in the blocks-last layout.
@@ -431,13 +430,19 @@ class _Plan:
         self.order = _cell_order(self.rp, self.cp, self.levels)
         g, pinned = _edge_conductances(self.rp, self.cp, r_source, r_sink, r_wire, dtype, device)
         self.g = self.to_cells(g.unsqueeze(-1))  # (4, cells, 1)
-        self.pinned = self.to_cells(pinned.unsqueeze(-1)) if r_source == 0.0 or r_sink == 0.0 else None
+        self.pinned = self.pin_masks(pinned) if r_source == 0.0 or r_sink == 0.0 else None
         self.gg = self.g[:, None] * self.g[None, :]
         self.gg.diagonal(dim1=0, dim2=1).zero_()
         self.n_last = sum(1 for m in self.levels if m.sep <= max(1, BLOCKS_LAST_MAX_SEP))
         # the final block's ports: L (sources) and B (sinks)
         self.src = slice(0, self.rp)
         self.snk = slice(2 * self.rp + self.cp, 2 * self.rp + 2 * self.cp)
+
+    def pin_masks(self, pinned: torch.Tensor):
+        """``(only_l, only_b, both)``, each ``(cells, 1)`` in merge order, from the ``(2, rp, cp)``
+        pinned-port mask of :func:`_edge_conductances`: formed once per plan, broadcast over tiles."""
+        pl, pb = self.to_cells(pinned.unsqueeze(-1))
+        return pl * (1 - pb), pb * (1 - pl), pl * pb
 
     def to_cells(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., rp, cp, B)`` -> ``(..., cells, B)`` in merge order."""
