@@ -189,6 +189,34 @@ def test_narrow_layer_on_wide_array_uses_few_columns_exactly():
     assert torch.autograd.gradcheck(lambda w: effective_weight(w, small), (Wr,))
 
 
+@pytest.mark.parametrize("mapping,levels,fan_out", [
+    ("separate", None, 6), ("interleaved", None, 3), ("separate", 9, 6),  # one tile column, few used
+    ("separate", None, 53), ("interleaved", 9, 26),                      # two tile columns, the last narrow
+])
+def test_narrow_layers_merged_columns_equal_the_whole_tiles(mapping, levels, fan_out):
+    """The merged padded columns (programmed once, or sliced from the tiles) give the effective
+    weight of the whole tiles' circuit (unmerged: every padded cell solved for), value and gradient."""
+    from xbarflow.crossbar import transfer_matrix
+    from xbarflow.crossbar.effective import device_conductances
+
+    gen = torch.Generator().manual_seed(fan_out)
+    W = torch.randn(50, fan_out, dtype=torch.float64, generator=gen).requires_grad_(True)
+    spec = CrossbarSpec(rows=64, cols=48, r_source=2e3, r_sink=500.0, mapping=mapping, levels=levels, w_max=2.0)
+    G, k = device_conductances(W, spec)  # the whole tiles, padded with g_min
+    T = transfer_matrix(G, r_source=spec.r_source, r_sink=spec.r_sink)
+    if mapping == "interleaved":
+        full = from_tiles(T, 50, 2 * fan_out)
+        ref = (full[..., 0::2] - full[..., 1::2]) / k
+    else:
+        ref = (from_tiles(T[0], 50, fan_out) - from_tiles(T[1], 50, fan_out)) / k
+    W_eff = effective_weight(W, spec)
+    assert torch.allclose(W_eff, ref, rtol=1e-10, atol=1e-12)
+    probe = torch.randn(50, fan_out, dtype=torch.float64, generator=gen)
+    (g_ref,) = torch.autograd.grad((ref * probe).sum(), W)
+    (g,) = torch.autograd.grad((W_eff * probe).sum(), W)
+    assert torch.allclose(g, g_ref, rtol=1e-9, atol=1e-12)
+
+
 def test_column_gain_calibration_least_squares():
     """After calibration each column's crossbar output is the least-squares fit of the ideal one."""
     from xbarflow.nn import calibrate_column_gains, reset_column_gains

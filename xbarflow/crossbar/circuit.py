@@ -424,33 +424,35 @@ def solve(G: torch.Tensor, V: torch.Tensor, *, r_source: float, r_sink: float, r
     return V @ T
 
 
-def transfer_columns_merged(G: torch.Tensor, used: int, *, r_source: float, r_sink: float) -> torch.Tensor:
-    """``transfer_matrix(G, ...)[..., :used]`` for tiles whose columns ``used:`` are identical (no input checks).
+def transfer_columns_merged(G: torch.Tensor, copies: int, *, r_source: float, r_sink: float) -> torch.Tensor:
+    """Transfer matrix of tiles whose last ``copies`` columns are identical, given one of them (no input checks).
 
-    The ``m = cols - used`` identical columns sit at one voltage (the circuit is symmetric
-    in them), so they act as one column of conductance ``m g`` per row draining through
-    ``r_sink / m``: B's diagonal entry for it is ``m`` instead of 1 (``sink_weight``).
-    Exact; differentiable in the used columns (the padded cells get no gradient, as their
-    weights are dropped).
+    Identical columns sit at one voltage (the circuit is symmetric in them), so they act
+    as one column of conductance ``copies * g`` per row draining through
+    ``r_sink / copies``: B's diagonal entry for it is ``copies`` instead of 1
+    (``sink_weight``). This is how a tile's padded columns (all ``g_min`` on nominal
+    devices) load its rows without being solved for: a 500x10 layer on a 784x500 array
+    solves an 11-column system.
 
     Args:
-        G: conductances in siemens, ``(..., rows, cols)``; columns ``used:`` all equal
-            (only column ``used`` is read), ``1 <= used < cols``.
-        used: number of leading columns wanted.
+        G: conductances in siemens, ``(..., rows, used + 1)``: the ``used >= 1`` columns
+            whose currents are wanted, then one of the ``copies`` identical columns.
+        copies: how many identical columns the last one stands for (``>= 1``).
         r_source, r_sink: resistances in ohm (``>= 0``; no wire resistance).
 
     Returns:
-        ``(..., rows, used)`` in siemens. Cost: the ``(used + 1)``-column system.
+        ``(..., rows, used)`` in siemens: the used columns of the whole tile's
+        ``transfer_matrix``. Exact; differentiable in G (the last column's gradient is
+        that of all ``copies`` columns moved together).
     """
-    assert 1 <= used < G.shape[-1]
-    cols = G.shape[-1]
-    m = cols - used
-    G_red = torch.cat((G[..., :used], G[..., used:used + 1] * m), dim=-1)
+    used = G.shape[-1] - 1
+    assert used >= 1 and copies >= 1
+    G_red = torch.cat((G[..., :used], G[..., used:] * copies), dim=-1) if copies > 1 else G
     sink_weight = torch.ones(used + 1, dtype=G.dtype, device=G.device)
-    sink_weight[-1] = m
-    # conditioning as for the unmerged circuit: scaling the merged column by 1/sqrt(m)
+    sink_weight[-1] = copies
+    # conditioning as for the unmerged circuit: scaling the merged column by 1/sqrt(copies)
     # on both sides of B gives the single column's entries
-    if _float64_if_needed(G[..., : used + 1], r_source, r_sink):
+    if _float64_if_needed(G, r_source, r_sink):
         T = _TransferCols.apply(G_red.double(), r_source, r_sink, sink_weight.double()).to(G.dtype)
     else:
         T = _TransferCols.apply(G_red, r_source, r_sink, sink_weight)

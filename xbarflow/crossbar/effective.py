@@ -29,25 +29,28 @@ from .tiling import from_tiles, to_tiles
 from .variation import Chip
 
 
-def physical_arrays(W: torch.Tensor, spec: CrossbarSpec):
+def physical_arrays(W: torch.Tensor, spec: CrossbarSpec, cols: Optional[int] = None):
     """Programmed conductances of a layer, tile by tile.
 
     Args:
         W: weights, shape ``(fan_in, fan_out)``.
+        cols: tile width to cut the arrays into (default ``spec.cols``). A layer that fits
+            in one tile column may be cut narrower: its padded columns hold ``g_min``.
 
     Returns:
         ``(G, k)``: G in siemens, shape ``(2, n_r, n_c, rows, cols)`` for separate
         arrays (index 0 holds G+, 1 holds G-) or ``(n_r, n_c, rows, cols)`` for
         interleaved columns; k the mapping scale in siemens per unit weight.
     """
+    cols = spec.cols if cols is None else cols
     if spec.mapping != "interleaved":
-        return tiled_conductance_pair(W, spec.g_min, spec.g_max, spec.rows, spec.cols, spec.w_max)
+        return tiled_conductance_pair(W, spec.g_min, spec.g_max, spec.rows, cols, spec.w_max)
     G_pos, G_neg, k = conductance_pair(W, spec.g_min, spec.g_max, spec.w_max)
-    return to_tiles(interleave_columns(G_pos, G_neg), spec.rows, spec.cols, pad_value=spec.g_min), k
+    return to_tiles(interleave_columns(G_pos, G_neg), spec.rows, cols, pad_value=spec.g_min), k
 
 
 def device_conductances(W: torch.Tensor, spec: CrossbarSpec, chip: Optional[Chip] = None, name: str = "",
-                        read: int = 0):
+                        read: int = 0, cols: Optional[int] = None):
     """The conductances one read of the layer's arrays sees, tile by tile.
 
     Args:
@@ -57,12 +60,16 @@ def device_conductances(W: torch.Tensor, spec: CrossbarSpec, chip: Optional[Chip
             noise), or ``None`` for the nominal devices.
         name: the layer's stable name; selects its devices on the chip.
         read: number of this read of the layer on this chip (read noise only).
+        cols: tile width, as in :func:`physical_arrays` (nominal devices only: a chip's
+            devices are drawn for the arrays as built).
 
     Returns:
         ``(G, k)`` as :func:`physical_arrays`. Differentiable in W (rounding to
         levels by straight-through estimator; stuck devices have no gradient).
     """
-    G, k = physical_arrays(W, spec)
+    if chip is not None and cols not in (None, spec.cols):
+        raise ValueError("device_conductances: a chip's devices need the arrays' own width (cols=None)")
+    G, k = physical_arrays(W, spec, cols)
     if spec.levels is not None:
         G = quantize_levels(G, spec.levels, spec.g_min, spec.g_max)
     if chip is not None:
@@ -90,10 +97,17 @@ def effective_weight(
         Equals ``clip(W, -w_max, w_max)`` for an ideal circuit without variation.
     """
     fan_in, fan_out = W.shape
-    G, k = device_conductances(W, spec, chip, name, read)
     out_cols = 2 * fan_out if spec.mapping == "interleaved" else fan_out
-    # nominal devices: every padded cell holds g_min (weight 0), so padded columns are identical
-    T = _tiles_transfer(G, spec, out_cols, uniform_padding=chip is None)
+    if chip is None and out_cols < spec.cols and _merges_padding(spec, out_cols):
+        # nominal devices, one tile column: its padded columns all hold g_min, so only one of
+        # them is programmed (tiles out_cols + 1 wide) and it stands for all of them
+        G, k = device_conductances(W, spec, None, name, read, cols=out_cols + 1)
+        check_conductance("G", G)
+        T = transfer_columns_merged(G, spec.cols - out_cols, r_source=spec.r_source, r_sink=spec.r_sink)
+    else:
+        G, k = device_conductances(W, spec, chip, name, read)
+        # nominal devices: every padded cell holds g_min (weight 0), so padded columns are identical
+        T = _tiles_transfer(G, spec, out_cols, uniform_padding=chip is None)
     if spec.mapping == "interleaved":
         T = deinterleave_difference(from_tiles(T, fan_in, 2 * fan_out))
         return T / k
@@ -139,6 +153,17 @@ def _low_rank_ok(spec: CrossbarSpec) -> bool:
     return spec.r_wire == 0.0 and spec.r_source > 0.0 and spec.r_sink > 0.0 and spec.cols <= spec.rows
 
 
+def _merges_padding(spec: CrossbarSpec, used: int) -> bool:
+    """Whether a tile that reads ``used`` of its columns solves them with its identical padded
+    columns merged into one (:func:`transfer_columns_merged`): few used columns, no wire
+    (the merge needs equipotential columns' symmetry, which wire breaks along the rows),
+    and a system smaller than the tile's."""
+    # below ~cols/4 used columns a separate, smaller solve of the last grid column outweighs
+    # the extra calls and copies
+    return (4 * used <= spec.cols and spec.r_wire == 0.0 and (spec.r_source > 0.0 or spec.r_sink > 0.0)
+            and used + 1 <= spec.rows)
+
+
 def _tiles_transfer(G: torch.Tensor, spec: CrossbarSpec, out_cols: int, uniform_padding: bool = False) -> torch.Tensor:
     """Transfer matrices of tiles ``(..., n_r, n_c, rows, cols)``; the padded columns of the
     last grid column may be left out (their outputs are dropped by ``from_tiles``).
@@ -152,16 +177,15 @@ def _tiles_transfer(G: torch.Tensor, spec: CrossbarSpec, out_cols: int, uniform_
     go through :func:`transfer_columns`, which skips the inverse and the unused columns:
     exact, and ``O(cols^3)`` cheaper per tile.
     """
-    n_c, rows, cols = G.shape[-3], G.shape[-2], G.shape[-1]
+    n_c, cols = G.shape[-3], G.shape[-1]
     used = out_cols - (n_c - 1) * cols
     rs, rk = spec.r_source, spec.r_sink
-    # below ~cols/4 used columns a separate, smaller solve of the last grid column outweighs
-    # the extra calls and copies
     if 4 * used > cols:
         return transfer_matrix(G, r_source=rs, r_sink=rk, r_wire=spec.r_wire)
-    if uniform_padding and spec.r_wire == 0.0 and (rs > 0.0 or rk > 0.0) and used + 1 <= rows:
-        check_conductance("G", G)
-        last = transfer_columns_merged(G[..., n_c - 1:, :, :], used, r_source=rs, r_sink=rk)
+    if uniform_padding and _merges_padding(spec, used):
+        G_last = G[..., n_c - 1:, :, : used + 1]  # the used columns and one of the identical padded ones
+        check_conductance("G", G_last)
+        last = transfer_columns_merged(G_last, cols - used, r_source=rs, r_sink=rk)
     elif _low_rank_ok(spec):
         check_conductance("G", G)
         last = transfer_columns(G[..., n_c - 1:, :, :], used, r_source=rs, r_sink=rk)
