@@ -215,6 +215,18 @@ def test_full_preset_chip_reproducible_and_nominal_deterministic():
     assert ps.levels is None and not ps.has_peripherals and make_chip(paper, 1).device.is_ideal
 
 
+def test_narrow_tiles_refused_for_a_chip():
+    """Cutting arrays narrower than built (the nominal narrow-layer path) never applies a chip's devices."""
+    spec = CrossbarSpec(rows=16, cols=16, r_source=1e3, r_sink=1e3)
+    W = torch.randn(40, 3, dtype=torch.float64)
+    chip = Chip(seed=1, c2c=0.1, d2d=0.1)
+    with pytest.raises(ValueError, match="cols=None"):
+        device_conductances(W, spec, chip, "fc1", cols=4)
+    G, _ = device_conductances(W, spec, None, "fc1", cols=4)  # nominal: the used columns and one padded
+    assert G.shape == (2, 3, 1, 16, 4) and bool((G[..., 3] == spec.g_min).all())
+    assert device_conductances(W, spec, chip, "fc1", cols=16)[0].shape == (2, 3, 1, 16, 16)
+
+
 def test_no_effect_path_unchanged():
     torch.manual_seed(0)
     spec = CrossbarSpec(rows=16, cols=16, r_source=1e3, r_sink=1e3)
