@@ -242,17 +242,42 @@ def _rowdot(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return (X.reshape(-1, 1, n) @ Y.reshape(-1, n, 1)).reshape(X.shape[:-1])
 
 
+# From this many columns on, the Gram product forms only B's lower block triangle (3/4 of the
+# flops); below it the three smaller products cost more than the quarter they save.
+# Measured with 2 threads, float32, two 784x500 tiles: 2.69 -> 2.20 ms.
+GRAM_LOWER_MIN_COLS = 256
+
+
+def _gram_lower(aG: torch.Tensor, G: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha (aG)^T G`` with its upper-right block ``[:h, h:]`` left at zero (``h = cols // 2``).
+
+    The two products ``alpha (aG)[:, h:]^T G`` (rows ``h:``) and ``alpha (aG)[:, :h]^T G[:, :h]``
+    cover the lower triangle, which is all the Cholesky factorisations and the block inverse
+    read.
+    """
+    n = G.shape[-1]
+    h = n // 2
+    B = G.new_empty(*G.shape[:-2], n, n)
+    B[..., h:, :] = _scaled_bmm(aG[..., h:].mT, G, alpha)
+    B[..., :h, :h] = _scaled_bmm(aG[..., :h].mT, G[..., :h], alpha)
+    B[..., :h, h:] = 0.0
+    return B
+
+
 def _cols_matrix(G: torch.Tensor, r_source: float, r_sink: float, sink_weight: Optional[torch.Tensor] = None):
     """``(a, diag(a) G, B)`` of the ``cols x cols`` system ``B = D + r_sink (diag(c) - G^T diag(s) G)``.
 
     ``a = 1 / (1 + r_source r)`` per row, ``s = r_source a``, ``D = diag(sink_weight)`` (I by
     default). ``G^T diag(s) G = r_source (aG)^T G`` is one product, its scale applied inside
-    the BLAS call. Only the lower triangle of B is ever read (Cholesky factorisations), so
-    the Gram product's rounding needs no symmetrising.
+    the BLAS call. Only the lower triangle of B is ever read (Cholesky factorisations and
+    :func:`_spd_inverse`), so the Gram product's rounding needs no symmetrising, and from
+    :data:`GRAM_LOWER_MIN_COLS` columns on its upper-right block is not computed (zero).
     """
     a = 1.0 / (1.0 + r_source * G.sum(-1))
     aG = a.unsqueeze(-1) * G
-    if r_source > 0:
+    if r_source > 0 and G.shape[-1] >= GRAM_LOWER_MIN_COLS:
+        B = _gram_lower(aG, G, -r_source * r_sink)
+    elif r_source > 0:
         B = _scaled_bmm(aG.mT, G, -r_source * r_sink)
     else:
         B = G.new_zeros(*G.shape[:-2], G.shape[-1], G.shape[-1])
