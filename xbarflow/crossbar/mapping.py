@@ -148,6 +148,9 @@ def tiled_conductance_pair(W: torch.Tensor, g_min: float, g_max: float, rows: in
     Returns:
         ``(G, k)``: G in siemens, shape ``(2, n_r, n_c, rows, cols)``; k in siemens per unit weight.
     """
+    # A layer's W is its weight transposed (a view). One copy into W's own row-major layout
+    # costs less than the transposed reads in every pass forward and backward.
+    W = W.contiguous()
     w_range = weight_range(W, w_max)
     G = _TiledPair.apply(W, w_range, float(g_min), float(g_max), int(rows), int(cols), w_max is not None)
     return G, (g_max - g_min) / w_range
