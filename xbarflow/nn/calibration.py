@@ -98,7 +98,7 @@ def _converter_hook(layer: _XbarMixin, inputs) -> None:
     x2, x_max = layer.array_inputs(x)
     W_eff = layer.effective_weight_matrix()
     partials = tile_partials(x2, W_eff, spec.rows)                          # (n_r, reads, fan_out)
-    full = output_full_scale(spec, weight_range(layer._weight_matrix(), spec.w_max), x_max)
+    full = output_full_scale(spec, weight_range(layer.weight, spec.w_max), x_max)
     frac = (partials / full).abs()                                          # of a tile's largest current
     n_r, reads, fan_out = frac.shape
     n_groups = layer.log_adc_range.shape[-1]
