@@ -86,7 +86,6 @@ def _percentile(values: torch.Tensor, q: float) -> torch.Tensor:
 def _converter_hook(layer: _XbarMixin, inputs) -> None:
     """Forward pre-hook: set the layer's calibrated DAC scale and ADC ranges from its input."""
     from ..crossbar.effective import output_full_scale, tile_partials
-    from ..crossbar.mapping import weight_range
 
     spec = layer.spec
     x = inputs[0]
@@ -98,7 +97,7 @@ def _converter_hook(layer: _XbarMixin, inputs) -> None:
     x2, x_max = layer.array_inputs(x)
     W_eff = layer.effective_weight_matrix()
     partials = tile_partials(x2, W_eff, spec.rows)                          # (n_r, reads, fan_out)
-    full = output_full_scale(spec, weight_range(layer.weight, spec.w_max), x_max)
+    full = output_full_scale(spec, layer.weight_range(), x_max)
     frac = (partials / full).abs()                                          # of a tile's largest current
     n_r, reads, fan_out = frac.shape
     n_groups = layer.log_adc_range.shape[-1]

@@ -126,6 +126,14 @@ class _XbarMixin(nn.Module):
         """Software weight as ``(fan_in, fan_out)``."""
         return self.weight.reshape(self.weight.shape[0], -1).t()
 
+    def weight_range(self) -> torch.Tensor:
+        """The mapping's clipping range (``spec.w_max``, else max |W|), scalar tensor, no gradient.
+
+        Read from the stored weight: max |W| does not depend on the layout, and a reduction over
+        the transposed view :meth:`_weight_matrix` reads strided memory (several times slower).
+        """
+        return weight_range(self.weight, self.spec.w_max)
+
     def _training_through_circuit(self) -> bool:
         """Gradients must flow through the circuit (recompute, never cache)."""
         return self.mode != "ideal" and torch.is_grad_enabled() and self.weight.requires_grad
@@ -189,7 +197,7 @@ class XbarLinear(_XbarMixin, nn.Linear):
         W_eff = self.effective_weight_matrix()
         if spec.has_adc:
             assert x_max is not None  # set above: an ADC is a peripheral
-            y = adc_apply(x2, W_eff, spec, weight_range(self.weight, spec.w_max), x_max, self.adc_range())
+            y = adc_apply(x2, W_eff, spec, self.weight_range(), x_max, self.adc_range())
             return self._digital(y.reshape(*lead, self.out_features), -1)
         return self._digital(F.linear(x2.reshape(*lead, self.in_features), W_eff.t()), -1)
 
@@ -231,7 +239,7 @@ class XbarConv2d(_XbarMixin, nn.Conv2d):
         # ADC: the im2col view, one read per output position, tile rows converted separately
         N = x.shape[0]
         x2, xm = self.array_inputs(x)
-        y = adc_apply(x2, W_eff, spec, weight_range(self.weight, spec.w_max), xm, self.adc_range())
+        y = adc_apply(x2, W_eff, spec, self.weight_range(), xm, self.adc_range())
         h_out, w_out = self._output_size(x)
         y = y.reshape(N, h_out * w_out, self.out_channels).transpose(1, 2).reshape(N, self.out_channels, h_out, w_out)
         return self._digital(y, 1)
