@@ -2,6 +2,7 @@
 import json
 
 from conftest import REPO, run_cli
+from mlflow.tracking import MlflowClient
 
 
 def _client(workdir):
@@ -109,3 +110,74 @@ def test_user_device_with_missing_key_is_rejected(workdir, tmp_path_factory):
     assert proc.returncode != 0
     assert "hardware.r_off" in proc.stderr
     assert not (workdir / "mlflow.db").exists()
+
+
+def test_upload_after_a_lost_store_finishes_the_sweep_parent(workdir):
+    """A sweep whose store went away: uploading its jobs ends the parent with the summary, in the
+    same store (the server came back) or in another one (a new parent), and uploading twice
+    doubles nothing."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import upload_run
+
+    proc = run_cli(["-m", "experiment=smoke", "dataset=digits", "trainer.limit_train_batches=2", "eval.n_chips=1",
+                    "seed=0,1"], cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (parent_file,) = workdir.glob("multirun/*/*/mlflow_parent.json")
+    sweep_dir = parent_file.parent
+    jobs = [str(sweep_dir / "0"), str(sweep_dir / "1")]
+    original = json.loads(parent_file.read_text())["run_id"]
+    # a third job, rejected before it made a run (as when the store was already gone at its start)
+    from xbarflow import tracking
+
+    (sweep_dir / "2").mkdir()
+    overrides = json.loads((sweep_dir / "0" / "tracking" / "run.json").read_text())["tags"]["overrides"]
+    tracking.record_failure(str(sweep_dir), 2, overrides.replace("seed=0", "seed=2"),
+                            "rejected: tracking server unreachable")
+    jobs.append(str(sweep_dir / "2"))
+
+    # only one job uploaded: the other store gets no parent yet
+    partial = f"sqlite:///{workdir / 'partial.db'}"
+    assert upload_run.main([jobs[0], "--tracking-uri", partial]) == 0
+    client = MlflowClient(partial)
+    assert [r.data.tags.get("sweep") for r in _runs(client)] == [None]
+
+    # every job into a store that never saw the sweep: a new parent with the summary, the jobs under it
+    other = f"sqlite:///{workdir / 'other.db'}"
+    for _ in range(2):  # twice: the second upload finds the runs of the first
+        assert upload_run.main([*jobs, "--tracking-uri", other]) == 0
+        client = MlflowClient(other)
+        runs = _runs(client)
+        (parent,) = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+        children = [r for r in runs if r is not parent]
+        assert len(children) == 2 and parent.data.tags["uploaded_from"] == original
+        assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+        assert parent.info.status == "FAILED" and parent.data.tags["n_jobs"] == "3"  # the rejected job counts
+        assert parent.data.tags["n_failed"] == "1" and parent.info.run_name == "smoke: seed"
+        rows = open(client.download_artifacts(parent.info.run_id, "sweep_summary.csv", str(workdir))).read()
+        assert rows.splitlines()[0].startswith("job,status,seed") and len(rows.splitlines()) == 4
+        assert rows.splitlines()[3].startswith("2,REJECTED,2")
+
+    # the sweep's own store, as a server that came back finds it: the parent still RUNNING
+    own = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    own.update_run(original, "RUNNING")
+    own.set_tag(original, "n_jobs", "unknown")
+    assert upload_run.main(jobs) == 0
+    runs = _runs(own)
+    assert len(runs) == 3 and own.get_run(original).info.status == "FAILED"
+    assert own.get_run(original).data.tags["n_jobs"] == "3"
+
+
+def test_sweep_figure_orders_numbers_and_takes_a_row_without_the_swept_key():
+    from xbarflow.tracking import SECTION8, sweep_figure
+
+    def row(job, **kw):
+        return {"job": job, "status": "FINISHED", **kw, **{m: 90.0 + job for m in SECTION8}}
+
+    rows = [row(0, **{"xbar.size": "128"}), row(1, **{"xbar.size": "64"}), row(2, **{"xbar.size": "oops"}),
+            {**row(3), "status": "REJECTED"}]  # a rejected job whose overrides lack the key
+    fig = sweep_figure(rows)
+    line = fig.axes[0].lines[0]
+    assert [str(x) for x in line.get_xdata()] == ["64.0", "128.0", "None", "oops"]
+    assert list(line.get_ydata()) == [91.0, 90.0, 93.0, 92.0]

@@ -532,8 +532,10 @@ def sweep_figure(rows: List[Dict[str, Any]]):
     for r in rows:
         groups.setdefault(", ".join(f"{k}={r.get(k)}" for k in others) or "crossbar", []).append(r)
     for label, rs in groups.items():
-        rs = sorted(rs, key=lambda r: (isinstance(num(r[x_key]), str), num(r[x_key])))
-        xs = [str(r[x_key]) if isinstance(num(r[x_key]), str) else num(r[x_key]) for r in rs]
+        # numbers in order, then other values as text (a row may lack the key: a rejected job)
+        rs = sorted(rs, key=lambda r: (0, num(r.get(x_key)), "") if isinstance(num(r.get(x_key)), float)
+                    else (1, 0.0, str(r.get(x_key))))
+        xs = [num(r.get(x_key)) if isinstance(num(r.get(x_key)), float) else str(r.get(x_key)) for r in rs]
         mean = [r["test/acc_xbar_mean"] for r in rs]
         lo = [r["test/acc_xbar_min"] for r in rs]
         line, = ax.plot(xs, mean, "o-", label=f"{label} (mean over chips)")
@@ -567,58 +569,75 @@ class MlflowSweepCallback(Callback):
 
         set_model_training_kind(client, exp_id)
         keys = swept_keys(config)
-        run = client.create_run(exp_id, run_name=parent_name(config, keys),
-                                tags={"sweep": "parent", "overrides": overrides, "sweep_dir": str(sweep_dir),
-                                      SWEPT_TAG: json.dumps(keys)})
-        (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": redact(uri),
-                                                         "experiment_id": exp_id}))
+        run_name = parent_name(config, keys)
+        tags = {"sweep": "parent", "overrides": overrides, "sweep_dir": str(sweep_dir), SWEPT_TAG: json.dumps(keys)}
+        run = client.create_run(exp_id, run_name=run_name, tags=tags)
+        # name and tags too: an upload to another store recreates the parent from them
+        (sweep_dir / PARENT_FILE).write_text(json.dumps({
+            "run_id": run.info.run_id, "tracking_uri": redact(uri), "experiment_id": exp_id,
+            "experiment_name": config.logger.experiment_name, "run_name": run_name, "tags": tags}))
         self._client, self._run_id = client, run.info.run_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         client = getattr(self, "_client", None)
         if client is None:
             return
+        sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            rows = sweep_table(client, self._run_id, str(config.hydra.sweep.dir))
+            rows, failed = finish_sweep(client, self._run_id, sweep_dir)
         except Exception as e:  # the store went away during the sweep: the jobs kept their results
-            redact_files(Path(config.hydra.sweep.dir), "multirun.yaml")
+            redact_files(sweep_dir, "multirun.yaml")
             print(f"error: tracking store {redact(tracking_uri(config.logger, config.hydra.runtime.cwd))} lost at "
-                  f"the end of the sweep ({_reason(e)}); each job's results are in its tracking/ folder: "
-                  f"python scripts/upload_run.py {config.hydra.sweep.dir}/*/", file=sys.stderr, flush=True)
+                  f"the end of the sweep ({_reason(e)}); each job's results are in its tracking/ folder, and "
+                  f"python scripts/upload_run.py {sweep_dir}/*/ sends them and the sweep's summary",
+                  file=sys.stderr, flush=True)
             sys.exit(1)
-        table = format_table(rows)
-        print("\nSweep summary (accuracy in %):\n" + table, flush=True)
-        client.log_text(self._run_id, table + "\n", "sweep_summary.md")
-        from .sweep_view import html_table
-
-        if rows:
-            client.log_text(self._run_id, html_table(rows), "sweep_summary.html")
-        # the run page's description: the comparison is the first thing a user sees
-        client.set_tag(self._run_id, "mlflow.note.content",
-                       "Sweep summary (accuracy in %), one child run per row; figure: sweep_accuracy.png\n\n" + table)
-        csv = io.StringIO()
-        cols: List[str] = []
-        for r in rows:
-            cols += [k for k in r if k not in cols]
-        csv.write(",".join(cols) + "\n")
-        for r in rows:
-            csv.write(",".join(str(r.get(c, "")) for c in cols) + "\n")
-        client.log_text(self._run_id, csv.getvalue(), "sweep_summary.csv")
-        if rows:
-            fig = sweep_figure(rows)
-            client.log_figure(self._run_id, fig, "sweep_accuracy.png")
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
-        failed = sum(r["status"] in ("FAILED", "REJECTED") for r in rows)
-        client.set_tag(self._run_id, "n_jobs", str(len(rows)))
-        client.set_tag(self._run_id, "n_failed", str(failed))
-        with redacted_stdout():
-            client.set_terminated(self._run_id, "FINISHED" if not failed else "FAILED")
-        redact_files(Path(config.hydra.sweep.dir), "multirun.yaml")
+        print("\nSweep summary (accuracy in %):\n" + format_table(rows), flush=True)
+        redact_files(sweep_dir, "multirun.yaml")
         if failed:
             print(f"error: {failed} of {len(rows)} jobs failed (see the table above)", file=sys.stderr, flush=True)
             sys.exit(1)
+
+
+def finish_sweep(client, parent_id: str, sweep_dir: Path):
+    """Write a sweep's summary into its parent run and end that run.
+
+    The summary (``sweep_summary.md/.html/.csv``, the run's description and
+    ``sweep_accuracy.png``) is read from the child runs in the store; the parent ends
+    FINISHED, or FAILED when a job failed or was rejected. Called at the end of every
+    ``-m`` sweep and, after a lost tracking store, by ``scripts/upload_run.py`` once every
+    job of the sweep is uploaded. Returns ``(rows, number of failed jobs)``.
+    """
+    rows = sweep_table(client, parent_id, str(sweep_dir))
+    table = format_table(rows)
+    client.log_text(parent_id, table + "\n", "sweep_summary.md")
+    from .sweep_view import html_table
+
+    if rows:
+        client.log_text(parent_id, html_table(rows), "sweep_summary.html")
+    # the run page's description: the comparison is the first thing a user sees
+    client.set_tag(parent_id, "mlflow.note.content",
+                   "Sweep summary (accuracy in %), one child run per row; figure: sweep_accuracy.png\n\n" + table)
+    csv = io.StringIO()
+    cols: List[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    csv.write(",".join(cols) + "\n")
+    for r in rows:
+        csv.write(",".join(str(r.get(c, "")) for c in cols) + "\n")
+    client.log_text(parent_id, csv.getvalue(), "sweep_summary.csv")
+    if rows:
+        fig = sweep_figure(rows)
+        client.log_figure(parent_id, fig, "sweep_accuracy.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    failed = sum(r["status"] in ("FAILED", "REJECTED") for r in rows)
+    client.set_tag(parent_id, "n_jobs", str(len(rows)))
+    client.set_tag(parent_id, "n_failed", str(failed))
+    with redacted_stdout():
+        client.set_terminated(parent_id, "FINISHED" if not failed else "FAILED")
+    return rows, failed
 
 
 # ---------------------------------------------------------------- a run that survives its server
@@ -764,23 +783,33 @@ def record_logger(record: RunRecord):
     return RecordLogger()
 
 
+def _stored_run(client, info: Dict[str, Any]) -> Optional[str]:
+    """The store's run for a job's record: its own id, else an earlier upload of it (``uploaded_from``)."""
+    try:
+        if client.get_run(info["run_id"]).info.run_id == info["run_id"]:
+            return info["run_id"]
+    except Exception:
+        pass
+    experiment = client.get_experiment_by_name(info.get("experiment_name", ""))
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], f"tags.uploaded_from = '{info['run_id']}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def upload_record(run_dir: Path, uri: str) -> str:
     """Send a run kept on disk (``<run_dir>/tracking/``) to the store at ``uri``; returns the run id there.
 
     Into the same run when the store still has it (a server that came back: only the
     metric values it lacks are sent, so nothing is doubled), else into a new run of the
-    same experiment, tagged ``uploaded_from`` with the original id. A record still marked
-    RUNNING (the process died without ending its run) is uploaded as KILLED.
+    same experiment, tagged ``uploaded_from`` with the original id (uploading again finds
+    that run). A record still marked RUNNING (the process died without ending its run) is
+    uploaded as KILLED.
     """
     local = Path(run_dir) / OFFLINE_DIR
     info = json.loads((local / "run.json").read_text())
     client = client_for(uri)
-    run_id = None
-    try:
-        if client.get_run(info["run_id"]).info.run_id == info["run_id"]:
-            run_id = info["run_id"]
-    except Exception:
-        pass
+    run_id = _stored_run(client, info)
     if run_id is None:
         tags = dict(info.get("tags", {}), uploaded_from=info["run_id"])
         run_id = client.create_run(experiment_id(client, info["experiment_name"]), run_name=info.get("run_name"),
@@ -811,6 +840,44 @@ def upload_record(run_dir: Path, uri: str) -> str:
     info["uploaded"] = True
     (local / "run.json").write_text(json.dumps(info, indent=1))
     return run_id
+def finish_uploaded_sweep(sweep_dir: Path, uri: str) -> str:
+    """After a lost tracking store: the sweep's parent run gets its summary once every job is uploaded.
+
+    ``sweep_dir`` holds the parent's id (:data:`PARENT_FILE`) and one folder per job. When
+    every job's record is complete in the store at ``uri`` (logged there while the store
+    answered, or sent by :func:`upload_record`), the parent there gets the
+    sweep's summary and ends (:func:`finish_sweep`). A store that lacks the parent (another
+    store) gets a new parent run, from the name and tags kept in the file, tagged
+    ``uploaded_from``, and the jobs' runs are attached to it. Returns one line saying what
+    was done; a parent with jobs still to upload is left as it is.
+    """
+    sweep_dir = Path(sweep_dir)
+    parent = json.loads((sweep_dir / PARENT_FILE).read_text())
+    jobs = sorted((p for p in sweep_dir.iterdir() if (p / OFFLINE_DIR / "run.json").is_file()), key=lambda p: p.name)
+    infos = [json.loads((p / OFFLINE_DIR / "run.json").read_text()) for p in jobs]
+    client = client_for(uri)
+    # a job is in: its record is complete in some store ("uploaded") and this store has its run
+    pending = [p.name for p, info in zip(jobs, infos, strict=True)
+               if not info.get("uploaded") or _stored_run(client, info) is None]
+    if pending:
+        return (f"{sweep_dir}: sweep summary not written, {len(pending)} of {len(jobs)} jobs not uploaded yet "
+                f"({', '.join(pending[:5])}{', ...' if len(pending) > 5 else ''})")
+    name = parent.get("experiment_name") or (infos[0]["experiment_name"] if infos else "xbarflow")
+    parent_id = _stored_run(client, {"run_id": parent["run_id"], "experiment_name": name})
+    if parent_id is None:  # not in this store: a new parent
+        tags = dict(parent.get("tags") or {"sweep": "parent", "sweep_dir": str(sweep_dir)},
+                    uploaded_from=parent["run_id"])
+        parent_id = client.create_run(experiment_id(client, name), run_name=parent.get("run_name"),
+                                      tags=tags).info.run_id
+    if parent_id != parent["run_id"]:  # the jobs' runs under it (an upload sets their recorded parent)
+        for info in infos:
+            child = _stored_run(client, info)
+            if child is not None:
+                client.set_tag(child, "mlflow.parentRunId", parent_id)
+    rows, failed = finish_sweep(client, parent_id, sweep_dir)
+    return f"{sweep_dir}: sweep summary of {len(rows)} jobs ({failed} failed) in parent run {parent_id}"
+
+
 def log_layer_table(record: "RunRecord", model) -> int:
     """Print the layer table of a converted model, log it as ``layers.md`` and ``layers.json``
     and the number of crossbar arrays as the param ``n_crossbar_arrays``; returns that number."""
