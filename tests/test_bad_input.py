@@ -131,12 +131,30 @@ def test_array_too_large_in_a_sweep_rejects_that_job_only(workdir):
 
 
 def test_memory_limit_is_configurable_and_warns_near_it(workdir):
-    # digits FCN 64-500-10 on 64x64 tiles, technology-aware: 32 tiles, ~0.0034 GB; 0.004 GB warns, 0.001 refuses
+    # digits FCN 64-500-10 on 64x64 tiles, technology-aware: 32 tiles, ~0.0034 GB, and the training
+    # step's activations at batch 128, ~0.0015 GB: 0.0055 GB warns, 0.001 refuses
     proc = run_cli(["experiment=smoke", "dataset=digits", "trainer.memory_limit_gb=0.001"], cwd=workdir)
-    _one_line_exit_2(proc, "trainer.memory_limit_gb")
-    proc = run_cli(["experiment=smoke", "dataset=digits", "trainer.memory_limit_gb=0.004"], cwd=workdir)
+    _one_line_exit_2(proc, "trainer.memory_limit_gb", "activations at training.batch_size")
+    proc = run_cli(["experiment=smoke", "dataset=digits", "trainer.memory_limit_gb=0.0055"], cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "warning: the crossbar simulation needs about" in proc.stderr
+
+
+def test_adc_partial_outputs_too_large_name_their_batch_and_a_smaller_one_runs(workdir):
+    # the paper CNN with column ADCs on 64x64 tiles: 147,536 partial outputs per image (n_r times
+    # each layer's output); calibrating the converters on 512 images needs ~1.9 GB, the arrays 0.09
+    cnn_adc = ["experiment=smoke", "dataset=digits", "model=cnn", "nonideality.adc=true", "xbar.adc_range_mode=calibrated",
+               "trainer.memory_limit_gb=0.5"]
+    proc = run_cli(cnn_adc, cwd=workdir)
+    line = _one_line_exit_2(proc, "xbar.calibration_samples:", "to calibrate the converters",
+                            "ADC partial outputs at xbar.calibration_samples", "lower xbar.calibration_samples")
+    assert line.startswith("error: xbar.calibration_samples:")
+    _no_run_left(workdir)
+    # smaller batches in every phase fit (~0.32 GB) and the run goes through, without a warning
+    proc = run_cli([*cnn_adc, "xbar.calibration_samples=64", "eval.batch_size=100", "training.batch_size=32"],
+                   cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "the crossbar simulation needs" not in proc.stderr
 
 
 def test_init_from_a_missing_file(workdir):

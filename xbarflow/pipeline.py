@@ -26,8 +26,8 @@ from .data import DataSplits, EpochShuffleSampler, build_datasets
 from .evaluation import calibration_loader, evaluate
 from .hardware import adc_range_mode, crossbar_spec, layer_selection, make_chip
 from .logged_model import log_model
-from .nn.calibration import calibrate_converters, converter_ranges
-from .nn.convert import convert
+from .nn.calibration import calibrate_converters, converter_ranges, needs_converter_calibration
+from .nn.convert import convert, xbar_layers
 from .nn.layers import CROSSBAR_ONLY_PARAMS
 from .nn.memory import model_memory
 from .runtime import memory_limit_bytes
@@ -53,7 +53,7 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
     data = build_datasets(typed.dataset)
     model = build_crossbar_model(typed, data, start_dir)
     source = load_source(typed, cfg, model, start_dir)
-    memory_gb = check_memory(typed, model)
+    memory_gb = check_memory(typed, model, data, trains=source is None)
     check_trainer(typed)
     with tracking.open_run(typed, cfg, output_dir=output_dir, start_dir=start_dir, parent_run_id=parent_run_id,
                            job_num=job_num, overrides=overrides,
@@ -126,30 +126,55 @@ def load_initial_weights(model: torch.nn.Module, path: str, start_dir: Optional[
         raise ConfigError(f"{key}={path}: does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
-def check_memory(typed: Config, model: torch.nn.Module) -> float:
+def check_memory(typed: Config, model: torch.nn.Module, data: DataSplits, trains: bool = True) -> float:
     """Estimated peak memory of the crossbar simulation in GB; refuse a run that cannot fit.
 
+    The arrays of every layer, and what grows with each phase's batch (activations, the
+    ADC's partial outputs): evaluation at ``eval.batch_size``, converter calibration on
+    ``xbar.calibration_samples`` images, a training step at ``training.batch_size``.
+
+    Args:
+        trains: the run trains (not a deployment of an earlier run's weights).
+
     Raises:
-        ConfigError: one line naming the largest layer, its arrays and the estimate.
+        ConfigError: one line naming the phase, the largest layer and the estimate.
     """
     # only technology-aware training holds the arrays for a backward pass (not an evaluation-only run)
-    tech_aware = typed.training.mode == "tech_aware" and typed.mode == "train"
-    estimate = model_memory(model, train_through_crossbar=tech_aware)
+    tech_aware = typed.training.mode == "tech_aware" and typed.mode == "train" and trains
+    train_batch = min(typed.training.batch_size, len(data.train)) if trains else 0
+    specs = [layer.spec for layer in xbar_layers(model)]
+    # after training, calibrated ranges and DAC scales are set on xbar.calibration_samples images
+    # (calibrate_periphery); technology-aware training calibrates on its first crossbar batch
+    after = any(needs_converter_calibration(s) and (s.adc_range_mode != "learned" or s.dac_range_mode == "calibrated")
+                for s in specs)
+    during = tech_aware and any(needs_converter_calibration(s) for s in specs)
+    calibration_batch = max(min(typed.xbar.calibration_samples, len(data.train)) if after else 0,
+                            train_batch if during else 0)
+    estimate = model_memory(model, train_through_crossbar=tech_aware, in_shape=data.in_shape,
+                            train_batch=train_batch, calibration_batch=calibration_batch,
+                            eval_batch=min(typed.eval.batch_size, max(len(data.test), len(data.val))))
     gb = estimate.peak_bytes / 1e9
     if not estimate.layers:
         return gb
     limit_gb = (typed.trainer.memory_limit_gb or memory_limit_bytes(typed.trainer.accelerator) / 1e9)
     name, (fan_in, fan_out), arrays = estimate.largest()
+    batch_key = {"evaluate": "eval.batch_size", "calibrate": "xbar.calibration_samples",
+                 "train": "training.batch_size"}[estimate.phase]
     what = (f"largest: layer '{name}', {fan_in}x{fan_out} weights on a {arrays.grid[0]}x{arrays.grid[1]} grid of "
             f"{arrays.tile[0]}x{arrays.tile[1]} tiles, {arrays.arrays} arrays, "
-            f"{(arrays.train_bytes if tech_aware else arrays.eval_bytes) / 1e9:.1f} GB")
-    step = "train and evaluate" if tech_aware else "evaluate"
+            f"{(arrays.train_bytes if estimate.phase == 'train' else arrays.eval_bytes) / 1e9:.3g} GB; "
+            f"activations{' and ADC partial outputs' if estimate.activations and estimate.activations.adc_partials else ''}"
+            f" at {batch_key}: {estimate.batch_bytes / 1e9:.3g} GB")
+    step = {"evaluate": "evaluate", "calibrate": "calibrate the converters", "train": "train"}[estimate.phase]
     if gb > limit_gb:
-        raise ConfigError(f"xbar.size/rows/cols: the crossbar simulation needs about {gb:.1f} GB to {step} ({what}), "
-                          f"more than the {limit_gb:.1f} GB available (trainer.memory_limit_gb); use smaller tiles")
+        # name the knob of the larger part: the tiles (arrays) or the phase's batch
+        key, knob = ((batch_key, f"lower {batch_key}") if estimate.batch_bytes > estimate.peak_bytes / 2
+                     else ("xbar.size/rows/cols", "use smaller tiles"))
+        raise ConfigError(f"{key}: the crossbar simulation needs about {gb:.3g} GB to {step} ({what}), more than "
+                          f"the {limit_gb:.3g} GB available (trainer.memory_limit_gb); {knob}")
     if gb > MEMORY_WARN_FRACTION * limit_gb:
-        print(f"warning: the crossbar simulation needs about {gb:.1f} GB of the {limit_gb:.1f} GB available ({what})",
-              file=sys.stderr, flush=True)
+        print(f"warning: the crossbar simulation needs about {gb:.3g} GB of the {limit_gb:.3g} GB available "
+              f"to {step} ({what})", file=sys.stderr, flush=True)
     return gb
 
 
