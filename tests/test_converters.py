@@ -165,3 +165,36 @@ def test_auto_mode_resolves_by_training_mode():
     assert mode("training=tech_aware") == "learned" and mode("training=standard") == "calibrated"
     assert mode("training=standard", "xbar.adc_range_mode=learned") == "calibrated"
     assert mode("training=standard", "xbar.adc_range_mode=fixed") == "fixed"
+
+
+@pytest.mark.parametrize("granularity", ["tile", "column"])
+def test_evaluation_in_chunks_equals_one_pass_and_its_gradient_path(monkeypatch, granularity):
+    """Without a gradient the ADC path converts its reads in chunks (memory bounded by
+    ADC_CHUNK_PARTIALS): a conv and a linear layer give the same output as in one pass, the
+    chip's devices read once per forward (the same effective weight for every chunk)."""
+    import torch.nn as nn
+
+    from xbarflow.crossbar import Chip
+    from xbarflow.crossbar import effective as eff
+
+    torch.manual_seed(0)
+    spec = CrossbarSpec(rows=16, cols=16, r_source=1e3, r_sink=1e3, adc_bits=6, dac_bits=6, adc_range_mode="fixed",
+                        adc_granularity=granularity)
+    model = convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 20)), spec)
+    set_mode(model, "chip", Chip(seed=3, c2c=0.1, d2d=0.1))
+    x = torch.rand(37, 3, 6, 6)
+    with torch.no_grad():
+        whole = model(x)  # 37 images: 1332 reads of the conv, well below the default chunk
+    reads_seen = []
+    apply = eff._adc_apply
+    monkeypatch.setattr(eff, "_adc_apply", lambda x2, *a: reads_seen.append(x2.shape[0]) or apply(x2, *a))
+    monkeypatch.setattr(eff, "ADC_CHUNK_PARTIALS", 500)
+    with torch.no_grad():
+        chunked = model(x)
+    # conv (27 inputs): 500 // (2 tile rows x 8 outputs) = 31 reads, less than an image (36):
+    # one image per chunk, converted 31 + 5; linear: 500 // (18 tile rows x 20 outputs) = 1 read
+    assert reads_seen == [31, 5] * 37 + [1] * 37
+    assert torch.equal(chunked, whole)
+    reads_seen.clear()
+    y = model(x)  # with a gradient: one pass per layer, the same output
+    assert reads_seen == [37 * 36, 37] and torch.equal(y.detach(), whole)

@@ -297,6 +297,17 @@ def output_full_scale(spec: CrossbarSpec, w_range: torch.Tensor, x_max) -> torch
     return spec.rows * w_range * x_max
 
 
+# Without a gradient (evaluation), at most this many partial outputs are formed and converted at
+# once: the reads go through in chunks, with the same result (each read is converted on its own),
+# and memory and cache footprint stay bounded instead of growing with n_r x batch x fan_out.
+ADC_CHUNK_PARTIALS = 1 << 20
+
+
+def adc_reads_per_chunk(fan_in: int, fan_out: int, spec: CrossbarSpec) -> int:
+    """Reads (rows of ``x``) whose partial outputs :func:`adc_apply` converts at once without a gradient."""
+    return max(1, ADC_CHUNK_PARTIALS // (math.ceil(fan_in / spec.rows) * fan_out))
+
+
 def adc_apply(x: torch.Tensor, W_eff: torch.Tensor, spec: CrossbarSpec, w_range: torch.Tensor,
               x_max: torch.Tensor, adc_range: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The layer's output with each tile's partial output through the column ADCs.
@@ -317,6 +328,19 @@ def adc_apply(x: torch.Tensor, W_eff: torch.Tensor, spec: CrossbarSpec, w_range:
         ``(batch, fan_out)``. Gradient: straight through, or LSQ's when ``adc_range``
         requires a gradient (see :func:`~.peripherals.adc_quantize`).
     """
+    per_chunk = adc_reads_per_chunk(W_eff.shape[0], W_eff.shape[1], spec)
+    if torch.is_grad_enabled() or x.shape[0] <= per_chunk:
+        return _adc_apply(x, W_eff, spec, w_range, x_max, adc_range)
+    y = x.new_empty(x.shape[0], W_eff.shape[1])
+    for i in range(0, x.shape[0], per_chunk):
+        xm = x_max[i:i + per_chunk] if x_max.dim() else x_max
+        y[i:i + per_chunk] = _adc_apply(x[i:i + per_chunk], W_eff, spec, w_range, xm, adc_range)
+    return y
+
+
+def _adc_apply(x: torch.Tensor, W_eff: torch.Tensor, spec: CrossbarSpec, w_range: torch.Tensor,
+               x_max: torch.Tensor, adc_range: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`adc_apply` on all of ``x`` at once."""
     fan_out = W_eff.shape[1]
     Y = tile_partials(x, W_eff, spec.rows)                                  # (n_r, batch, fan_out)
     frac = spec.adc_range if adc_range is None else adc_range_per_output(adc_range, fan_out, spec)

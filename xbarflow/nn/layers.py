@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..crossbar.effective import adc_apply, adc_groups, effective_apply, effective_weight, fused_is_cheaper
+from ..crossbar.effective import adc_apply, adc_groups, adc_reads_per_chunk, effective_apply, effective_weight, fused_is_cheaper
 from ..crossbar.mapping import weight_range
 from ..crossbar.peripherals import dac_quantize, input_scale
 from ..crossbar.spec import CrossbarSpec
@@ -238,11 +238,25 @@ class XbarConv2d(_XbarMixin, nn.Conv2d):
             return self._digital(F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, 1), 1)
         # ADC: the im2col view, one read per output position, tile rows converted separately
         N = x.shape[0]
-        x2, xm = self.array_inputs(x)
-        y = adc_apply(x2, W_eff, spec, self.weight_range(), xm, self.adc_range())
         h_out, w_out = self._output_size(x)
-        y = y.reshape(N, h_out * w_out, self.out_channels).transpose(1, 2).reshape(N, self.out_channels, h_out, w_out)
-        return self._digital(y, 1)
+        w_range, adc_range = self.weight_range(), self.adc_range()
+
+        def convert_images(xc: torch.Tensor) -> torch.Tensor:
+            x2, xm = self.array_inputs(xc)
+            y = adc_apply(x2, W_eff, spec, w_range, xm, adc_range)
+            n = xc.shape[0]
+            y = y.reshape(n, h_out * w_out, self.out_channels).transpose(1, 2)
+            return self._digital(y.reshape(n, self.out_channels, h_out, w_out), 1)
+
+        # without a gradient, images go through in chunks (their im2col view is as large as their
+        # partial outputs), with one effective weight: one read of the arrays, the same result
+        per_chunk = max(1, adc_reads_per_chunk(W_eff.shape[0], self.out_channels, spec) // (h_out * w_out))
+        if torch.is_grad_enabled() or per_chunk >= N:
+            return convert_images(x)
+        out = x.new_empty(N, self.out_channels, h_out, w_out)
+        for i in range(0, N, per_chunk):
+            out[i:i + per_chunk] = convert_images(x[i:i + per_chunk])
+        return out
 
     def _int_padding(self) -> Tuple[int, ...]:
         """The padding as numbers (``padding="same"`` / ``"valid"`` strings resolved by torch at init)."""

@@ -7,13 +7,13 @@ the digital sum (``n_r`` times the layer's own output, ``n_r`` the tile rows).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from ..crossbar.effective import adc_groups, adc_reads_per_chunk
 from ..crossbar.memory import ArrayMemory, array_memory
 from .layers import _XbarMixin
 
@@ -94,14 +94,18 @@ def model_memory(model: nn.Module, train_through_crossbar: bool, in_shape: Optio
 # arrays), rounded up:
 # * training keeps every module's output and its gradient: 2.1-2.7 x the outputs' sum;
 # * evaluation frees as it goes: 1.5 x the largest output and its input;
-# * the ADC's partial outputs: 3.2 x their sum over the layers in evaluation (batch 1000:
-#   quantiser temporaries, and the C allocator keeps the blocks an earlier layer freed),
-#   5.3 x in calibration (batch 512: the percentiles' copies), 1.8 x in a training step with
-#   fixed or calibrated ranges and 4.8 x with learned ones (LSQ keeps them for the backward).
+# * the ADC's partial outputs: in evaluation (no gradient) they go through in chunks of at
+#   most ADC_CHUNK_PARTIALS (:func:`~xbarflow.crossbar.effective.adc_apply`), counted 3.5 x
+#   per layer (quantiser temporaries; the C allocator keeps each layer's blocks); in
+#   calibration (one batch of 512) 1.8 x their sum plus 0.8 x the largest layer's laid out to
+#   the tiles' width (the percentiles' copies; fitted to 64x64 and 256x256 tiles), 1.8 x in a
+#   training step with fixed or calibrated ranges and 4.8 x with learned ones (LSQ keeps them
+#   for the backward).
 ACT_TRAIN_COPIES = 2.75
-ACT_EVAL_COPIES = 2.0
+ACT_EVAL_COPIES = 1.5
 ADC_EVAL_COPIES = 3.5
-ADC_CALIBRATION_COPIES = 5.5
+ADC_CALIBRATION_COPIES = 2.0
+ADC_CALIBRATION_PADDED_COPIES = 1.0
 ADC_TRAIN_COPIES = 2.0
 ADC_TRAIN_LEARNED_COPIES = 5.0
 
@@ -115,6 +119,8 @@ class ActivationMemory:
         largest: floats per sample of the largest module output.
         adc_partials: floats per sample of the tile rows' partial outputs, summed over the
             crossbar layers with an ADC (0 without).
+        adc_eval_chunks: floats of partial outputs one evaluation batch forms at once, summed
+            over those layers (each converts its reads in chunks).
         train_bytes: a training step at the training batch (0 when the run does not train).
         eval_bytes: an evaluation batch.
         calibration_bytes: the converter calibration batch (0 when nothing is calibrated).
@@ -123,6 +129,7 @@ class ActivationMemory:
     outputs: int
     largest: int
     adc_partials: int
+    adc_eval_chunks: int
     train_bytes: float
     eval_bytes: float
     calibration_bytes: float
@@ -131,23 +138,30 @@ class ActivationMemory:
 def _per_sample_shapes(model: nn.Module, in_shape: Sequence[int]):
     """``(outputs, largest, adc_partials, learned)`` of one sample through ``model`` (ideal mode).
 
-    One forward pass of a single zero sample in evaluation mode, on the software weights
-    (cheap: no crossbar is simulated), with hooks that count each leaf module's output and,
-    for crossbar layers with an ADC, the reads (rows of the im2col view) per sample.
+    ``adc_partials`` lists ``(floats per sample, floats per chunk)`` of each crossbar layer
+    with an ADC. One forward pass of a single zero sample in evaluation mode, on the software
+    weights (cheap: no crossbar is simulated), with hooks that count each leaf module's output
+    and, for crossbar layers with an ADC, the reads (rows of the im2col view) per sample.
     """
     from .convert import xbar_mode
 
-    counts = {"outputs": 0, "largest": 0, "adc": 0, "learned": False}
+    counts = {"outputs": 0, "largest": 0, "learned": False}
+    adc = []
 
     def count(module, inputs, output):
         if isinstance(output, torch.Tensor) and not list(module.children()):
             counts["outputs"] += output.numel()
             counts["largest"] = max(counts["largest"], output.numel())
         if isinstance(module, _XbarMixin) and module.spec.has_adc:
-            fan_out = module.weight.shape[0]
+            fan_in, fan_out = module.weight[0].numel(), module.weight.shape[0]
             reads = output.numel() // fan_out  # positions of a convolution, 1 for a linear layer
-            n_r = math.ceil(module.weight[0].numel() / module.spec.rows)
-            counts["adc"] += reads * n_r * fan_out
+            spec = module.spec
+            n_r, n_groups = adc_groups(fan_in, fan_out, spec)
+            per_sample = reads * n_r * fan_out
+            # calibration lays a tile's outputs out to the tile's width (its padded columns)
+            per_tile = spec.cols // 2 if spec.mapping == "interleaved" else spec.cols
+            padded = reads * n_r * (fan_out if n_groups == fan_out else n_groups * per_tile)
+            adc.append((per_sample, adc_reads_per_chunk(fan_in, fan_out, spec), reads, padded))
             counts["learned"] |= module.spec.adc_range_mode == "learned"
 
     param = next(model.parameters(), None)
@@ -163,7 +177,12 @@ def _per_sample_shapes(model: nn.Module, in_shape: Sequence[int]):
         model.train(was_training)
         for h in handles:
             h.remove()
-    return counts["outputs"], counts["largest"], counts["adc"], counts["learned"]
+    return counts["outputs"], counts["largest"], adc, counts["learned"]
+
+
+def _eval_chunk(per_sample: int, chunk_reads: int, reads: int, batch: int) -> int:
+    """Partial outputs a layer forms at once in evaluation: whole samples, at least one, in a chunk."""
+    return per_sample * min(batch, max(1, chunk_reads // reads))
 
 
 def activation_memory(model: nn.Module, in_shape: Sequence[int], *, train_batch: int, eval_batch: int,
@@ -184,11 +203,15 @@ def activation_memory(model: nn.Module, in_shape: Sequence[int], *, train_batch:
     Returns:
         An :class:`ActivationMemory` (bytes; see the constants above for how they were measured).
     """
-    outputs, largest, adc, learned = _per_sample_shapes(model, in_shape)
+    outputs, largest, layers, learned = _per_sample_shapes(model, in_shape)
+    adc = sum(entry[0] for entry in layers)
+    chunks = sum(_eval_chunk(per_sample, chunk, reads, eval_batch) for per_sample, chunk, reads, _ in layers)
+    padded = max((entry[3] for entry in layers), default=0)
     train = ACT_TRAIN_COPIES * train_batch * outputs
     if train_through_crossbar:
         train += (ADC_TRAIN_LEARNED_COPIES if learned else ADC_TRAIN_COPIES) * train_batch * adc
-    evaluation = ACT_EVAL_COPIES * eval_batch * largest + ADC_EVAL_COPIES * eval_batch * adc
-    calibration = (ACT_EVAL_COPIES * largest + ADC_CALIBRATION_COPIES * adc) * calibration_batch
-    return ActivationMemory(outputs, largest, adc, train * itemsize, evaluation * itemsize,
+    evaluation = ACT_EVAL_COPIES * eval_batch * largest + ADC_EVAL_COPIES * chunks
+    calibration = (ACT_EVAL_COPIES * largest + ADC_CALIBRATION_COPIES * adc
+                   + ADC_CALIBRATION_PADDED_COPIES * padded) * calibration_batch
+    return ActivationMemory(outputs, largest, adc, chunks, train * itemsize, evaluation * itemsize,
                             calibration * itemsize)
