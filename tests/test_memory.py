@@ -89,9 +89,10 @@ print(hwm() - base, estimate.peak_bytes, estimate.phase)
 """
 
 
-@pytest.mark.parametrize("size", [64, 256])
-@pytest.mark.parametrize("mode,batch,adc_mode", [("eval", 1000, "fixed"), ("calib", 512, "calibrated"),
-                                                 ("train", 128, "learned")])
+@pytest.mark.parametrize("mode,batch,adc_mode,size", [
+    ("eval", 1000, "fixed", 64), ("calib", 512, "calibrated", 64), ("train", 128, "learned", 64),
+    ("calib", 512, "calibrated", 256),  # the tile-width layout of calibration: conv1's 32 outputs on 256 columns
+])
 def test_estimate_with_adc_partial_outputs_matches_the_measured_peak(mode, batch, adc_mode, size):
     """The paper CNN with 8-bit converters: the tile rows' partial outputs (n_r x each layer's
     output) in each phase. Calibration and training hold all of them (0.6-0.8 GB on 64x64 tiles,
