@@ -550,6 +550,10 @@ def sweep_figure(rows: List[Dict[str, Any]]):
     return fig
 
 
+# Errors of the summary's own code, which must not be reported as a lost tracking store.
+_PROGRAMMING_ERRORS = (KeyError, TypeError, AttributeError, IndexError, NameError, AssertionError)
+
+
 class MlflowSweepCallback(Callback):
     """Hydra callback: a parent MLflow run around every ``-m`` sweep, and its summary at the end."""
 
@@ -585,6 +589,8 @@ class MlflowSweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             rows, failed = finish_sweep(client, self._run_id, sweep_dir)
+        except _PROGRAMMING_ERRORS:  # a bug in the summary, not a lost store: show it as it is
+            raise
         except Exception as e:  # the store went away during the sweep: the jobs kept their results
             redact_files(sweep_dir, "multirun.yaml")
             print(f"error: tracking store {redact(tracking_uri(config.logger, config.hydra.runtime.cwd))} lost at "

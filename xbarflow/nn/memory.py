@@ -17,6 +17,52 @@ from ..crossbar.effective import adc_groups, adc_reads_per_chunk
 from ..crossbar.memory import ArrayMemory, array_memory
 from .layers import _XbarMixin
 
+# Bytes per float of what grows with the batch, as multiples of the counts below. Measured on
+# the paper CNN (32-64 channels, 4096-512-10) on 64x64 and 256x256 tiles, 8-bit DAC and ADC,
+# peak resident memory a step adds in a fresh process (XBARFLOW_MALLOC=default, as for the
+# arrays), rounded up:
+# * training keeps every module's output and its gradient: 2.1-2.7 x the outputs' sum;
+# * evaluation frees as it goes: 1.5 x the largest output and its input;
+# * the ADC's partial outputs: in evaluation (no gradient) they go through in chunks of at
+#   most ADC_CHUNK_PARTIALS (:func:`~xbarflow.crossbar.effective.adc_apply`), counted 3.5 x
+#   per layer (quantiser temporaries; the C allocator keeps each layer's blocks); in
+#   calibration (one batch of 512) 1.8 x their sum plus 0.8 x the largest layer's laid out to
+#   the tiles' width (the percentiles' copies; fitted to 64x64 and 256x256 tiles), 1.8 x in a
+#   training step with fixed or calibrated ranges and 4.8 x with learned ones (LSQ keeps them
+#   for the backward).
+ACT_TRAIN_COPIES = 2.75
+ACT_EVAL_COPIES = 1.5
+ADC_EVAL_COPIES = 3.5
+ADC_CALIBRATION_COPIES = 2.0
+ADC_CALIBRATION_PADDED_COPIES = 1.0
+ADC_TRAIN_COPIES = 2.0
+ADC_TRAIN_LEARNED_COPIES = 5.0
+
+
+@dataclass(frozen=True)
+class ActivationMemory:
+    """What a step holds that grows with the batch, per sample and in bytes.
+
+    Attributes:
+        outputs: floats per sample, summed over every module's output.
+        largest: floats per sample of the largest module output.
+        adc_partials: floats per sample of the tile rows' partial outputs, summed over the
+            crossbar layers with an ADC (0 without).
+        adc_eval_chunks: floats of partial outputs one evaluation batch forms at once, summed
+            over those layers (each converts its reads in chunks).
+        train_bytes: a training step at the training batch (0 when the run does not train).
+        eval_bytes: an evaluation batch.
+        calibration_bytes: the converter calibration batch (0 when nothing is calibrated).
+    """
+
+    outputs: int
+    largest: int
+    adc_partials: int
+    adc_eval_chunks: int
+    train_bytes: float
+    eval_bytes: float
+    calibration_bytes: float
+
 
 @dataclass(frozen=True)
 class ModelMemory:
@@ -34,7 +80,7 @@ class ModelMemory:
 
     layers: List[Tuple[str, Tuple[int, int], ArrayMemory]]
     peak_bytes: float
-    activations: Optional["ActivationMemory"] = None
+    activations: Optional[ActivationMemory] = None
     phase: str = "evaluate"
 
     def largest(self) -> Tuple[str, Tuple[int, int], ArrayMemory]:
@@ -88,60 +134,17 @@ def model_memory(model: nn.Module, train_through_crossbar: bool, in_shape: Optio
     phase = max(phases, key=lambda k: phases[k])
     return ModelMemory(layers, float(phases[phase]), act, phase)
 
-# Bytes per float of what grows with the batch, as multiples of the counts below. Measured on
-# the paper CNN (32-64 channels, 4096-512-10) on 64x64 and 256x256 tiles, 8-bit DAC and ADC,
-# peak resident memory a step adds in a fresh process (XBARFLOW_MALLOC=default, as for the
-# arrays), rounded up:
-# * training keeps every module's output and its gradient: 2.1-2.7 x the outputs' sum;
-# * evaluation frees as it goes: 1.5 x the largest output and its input;
-# * the ADC's partial outputs: in evaluation (no gradient) they go through in chunks of at
-#   most ADC_CHUNK_PARTIALS (:func:`~xbarflow.crossbar.effective.adc_apply`), counted 3.5 x
-#   per layer (quantiser temporaries; the C allocator keeps each layer's blocks); in
-#   calibration (one batch of 512) 1.8 x their sum plus 0.8 x the largest layer's laid out to
-#   the tiles' width (the percentiles' copies; fitted to 64x64 and 256x256 tiles), 1.8 x in a
-#   training step with fixed or calibrated ranges and 4.8 x with learned ones (LSQ keeps them
-#   for the backward).
-ACT_TRAIN_COPIES = 2.75
-ACT_EVAL_COPIES = 1.5
-ADC_EVAL_COPIES = 3.5
-ADC_CALIBRATION_COPIES = 2.0
-ADC_CALIBRATION_PADDED_COPIES = 1.0
-ADC_TRAIN_COPIES = 2.0
-ADC_TRAIN_LEARNED_COPIES = 5.0
-
-
-@dataclass(frozen=True)
-class ActivationMemory:
-    """What a step holds that grows with the batch, per sample and in bytes.
-
-    Attributes:
-        outputs: floats per sample, summed over every module's output.
-        largest: floats per sample of the largest module output.
-        adc_partials: floats per sample of the tile rows' partial outputs, summed over the
-            crossbar layers with an ADC (0 without).
-        adc_eval_chunks: floats of partial outputs one evaluation batch forms at once, summed
-            over those layers (each converts its reads in chunks).
-        train_bytes: a training step at the training batch (0 when the run does not train).
-        eval_bytes: an evaluation batch.
-        calibration_bytes: the converter calibration batch (0 when nothing is calibrated).
-    """
-
-    outputs: int
-    largest: int
-    adc_partials: int
-    adc_eval_chunks: int
-    train_bytes: float
-    eval_bytes: float
-    calibration_bytes: float
-
 
 def _per_sample_shapes(model: nn.Module, in_shape: Sequence[int]):
-    """``(outputs, largest, adc_partials, learned)`` of one sample through ``model`` (ideal mode).
+    """``(outputs, largest, adc_layers, learned)`` of one sample through ``model`` (ideal mode).
 
-    ``adc_partials`` lists ``(floats per sample, floats per chunk)`` of each crossbar layer
-    with an ADC. One forward pass of a single zero sample in evaluation mode, on the software
-    weights (cheap: no crossbar is simulated), with hooks that count each leaf module's output
-    and, for crossbar layers with an ADC, the reads (rows of the im2col view) per sample.
+    ``adc_layers`` lists, for each crossbar layer with an ADC, ``(partial outputs per sample,
+    reads per evaluation chunk, reads per sample, partial outputs per sample laid out to the
+    tiles' width)``; ``learned``: some layer learns its ADC ranges.
+
+    One forward pass of a single zero sample in evaluation mode, on the software weights
+    (cheap: no crossbar is simulated), with hooks that count each leaf module's output and,
+    for crossbar layers with an ADC, the reads (rows of the im2col view) per sample.
     """
     from .convert import xbar_mode
 
