@@ -14,6 +14,12 @@ Model and step as ``scripts/bench_crossbar.py`` (FCN 784-500-10, batch 128, floa
 r_source = r_sink = 1 kOhm, plain SGD); layouts ``xbar64`` (64x64 tiles), ``784x500`` (one
 array), ``wire_xbar64`` (64x64 tiles, r_wire = 2.5 ohm; a third of the repetitions).
 
+Every timed step comes right after an untimed call of the same step (``--warm``, the default),
+as consecutive training steps run: otherwise a 2 ms standard step timed right after a 1 s step
+with wire would run with the other step's data in the caches, and the wire ratio would depend
+on the order of the steps (+-10 % seen). ``--no-warm`` times the steps back to back, as
+before 2026-11-29.
+
     python scripts/bench_ab.py --base main --threads 1 --reps 11
 
 Prints a table, then one JSON line.
@@ -48,6 +54,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--layouts", default="xbar64,784x500,wire_xbar64")
+    ap.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
+                    help="an untimed call of each step right before its timed one (default)")
     args = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="xbarflow_ab_")
     atexit.register(shutil.rmtree, tmp, True)
@@ -90,7 +98,8 @@ def main(argv=None):
     kw = dict(r_source=1e3, r_sink=1e3)
     specs = {"xbar64": dict(rows=64, cols=64, **kw), "784x500": dict(rows=784, cols=500, **kw),
              "wire_xbar64": dict(rows=64, cols=64, r_wire=2.5, **kw)}
-    res = {"base": args.base, "threads": args.threads, "reps": args.reps, "load1_start": os.getloadavg()[0]}
+    res = {"base": args.base, "threads": args.threads, "reps": args.reps, "warm": args.warm,
+           "load1_start": os.getloadavg()[0]}
     for lay in args.layouts.split(","):
         reps = max(3, args.reps // 3) if lay.startswith("wire") else args.reps
         steps = {}
@@ -105,6 +114,8 @@ def main(argv=None):
         cpu = {k: [] for k in steps}
         for _ in range(reps):
             for k, f in steps.items():
+                if args.warm:
+                    f()
                 t0, c0 = time.perf_counter(), time.process_time()
                 f()
                 wall[k].append((time.perf_counter() - t0) * 1e3)

@@ -7,7 +7,8 @@ on crossbars with ``r_source = r_sink = 1 kOhm`` (default g range), in two layou
 * ``xbar64``  - 64x64 tiles;
 * ``784x500`` - one 784x500 array for the first layer (and one for the second).
 
-Measured in one process, repetitions of the two variants interleaved, medians:
+Measured in one process, repetitions of the two variants interleaved (each timed call right
+after an untimed one of the same step), medians:
 
 * ``effective_weights_ms_*``: every layer's :func:`effective_weight` under ``no_grad``;
 * ``step_ratio_*``: one SGD training step at batch 128 with the layers in mode
@@ -135,13 +136,19 @@ def timed(fn) -> float:
 
 
 def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
-    """Median ms of each callable, the callables run in turn within each repetition."""
+    """Median ms of each callable, the callables run in turn within each repetition.
+
+    Each timed call comes right after an untimed call of the same callable, as consecutive
+    training steps run: a 2 ms standard step timed right after a much larger step would run
+    with that step's data in the caches and look slower than it is in training.
+    """
     for _ in range(warmup):
         for f in fns.values():
             f()
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
+            f()
             times[k].append(timed(f))
     return {k: statistics.median(v) for k, v in times.items()}
 
