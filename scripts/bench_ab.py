@@ -12,7 +12,9 @@ CPU time, over the standard step's CPU time).
 
 Model and step as ``scripts/bench_crossbar.py`` (FCN 784-500-10, batch 128, float32,
 r_source = r_sink = 1 kOhm, plain SGD); layouts ``xbar64`` (64x64 tiles), ``784x500`` (one
-array), ``wire_xbar64`` (64x64 tiles, r_wire = 2.5 ohm; a third of the repetitions).
+array), ``wire_xbar64`` (64x64 tiles, r_wire = 2.5 ohm; a third of the repetitions); and on
+request (``--layouts``) ``adc_learned_xbar64`` / ``adc_fixed_xbar64`` (64x64 tiles, 8-bit DAC
+and ADC, learned or fixed ranges).
 
 Every timed step comes right after an untimed call of the same step (``--warm``, the default),
 as consecutive training steps run: otherwise a 2 ms standard step timed right after a 1 s step
@@ -96,8 +98,11 @@ def main(argv=None):
     torch.manual_seed(0)
     x, t = torch.rand(128, 1, 28, 28), torch.randint(0, 10, (128,))
     kw = dict(r_source=1e3, r_sink=1e3)
+    adc = dict(adc_bits=8, dac_bits=8)
     specs = {"xbar64": dict(rows=64, cols=64, **kw), "784x500": dict(rows=784, cols=500, **kw),
-             "wire_xbar64": dict(rows=64, cols=64, r_wire=2.5, **kw)}
+             "wire_xbar64": dict(rows=64, cols=64, r_wire=2.5, **kw),
+             "adc_learned_xbar64": dict(rows=64, cols=64, adc_range_mode="learned", **adc, **kw),
+             "adc_fixed_xbar64": dict(rows=64, cols=64, adc_range_mode="fixed", **adc, **kw)}
     res = {"base": args.base, "threads": args.threads, "reps": args.reps, "warm": args.warm,
            "load1_start": os.getloadavg()[0]}
     for lay in args.layouts.split(","):
@@ -142,8 +147,8 @@ def main(argv=None):
     rate = 2 * 784 * 500 * 784 / statistics.median(mm)
     res["matmul_gflops_cpu_time"] = round(rate / 1e9, 1)
     for lay in args.layouts.split(","):
-        if lay.startswith("wire"):
-            continue  # the wire solver's products are counted by scripts/bench_wire.py
+        if lay != "xbar64" and lay != "784x500":
+            continue  # the wire solver's products are counted by scripts/bench_wire.py; ADC layouts: no bound
         xnn, xcb = versions["xbarflow"]
         model = xnn.set_mode(xnn.convert(fcn(), xcb.CrossbarSpec(**specs[lay])), "nominal")
         flops = count_flops(make_step(model, x, t))

@@ -344,6 +344,6 @@ def _adc_apply(x: torch.Tensor, W_eff: torch.Tensor, spec: CrossbarSpec, w_range
     fan_out = W_eff.shape[1]
     Y = tile_partials(x, W_eff, spec.rows)                                  # (n_r, batch, fan_out)
     frac = spec.adc_range if adc_range is None else adc_range_per_output(adc_range, fan_out, spec)
-    full_scale = frac * output_full_scale(spec, w_range, x_max)            # output units
     assert spec.adc_bits is not None, "adc_apply needs a spec with adc_bits"
-    return adc_quantize(Y, spec.adc_bits, full_scale).sum(0)
+    # full scale in output units: frac of the tile's largest current, which scales with x_max
+    return adc_quantize(Y, spec.adc_bits, frac, output_full_scale(spec, w_range, x_max)).sum(0)

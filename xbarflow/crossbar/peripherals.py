@@ -25,6 +25,8 @@ fixed fraction would leave it a handful of the converter's codes.
 """
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
 from .devices import ste
@@ -60,11 +62,30 @@ def dac_quantize(x: torch.Tensor, bits: int, x_max: torch.Tensor) -> torch.Tenso
     return ste(x, q)
 
 
+def _mid_rise(y: torch.Tensor, bits: int, fs: torch.Tensor, inside: bool = False):
+    """``q = (clamp(floor((y + r) / step), 0, n - 1) + 1/2) step - r``, ``step = 2 r / n``, with
+    ``fs`` (the range ``r``) broadcast to ``y``'s shape; or ``(q, inside)``, ``inside`` where the
+    converter does not saturate.
+
+    One elementwise operation per step, in place where it can be, and no fused ones: a fused
+    multiply-add rounds differently in vectorised and scalar code, so the result would depend
+    on the tensor's size (an evaluation in chunks must give the same bits as in one pass).
+    """
+    n = 2 ** int(bits)
+    step = fs * (2.0 / n)  # exact: n is a power of two
+    k = (y + fs).div_(step).floor_()
+    kc = k.clamp(0, n - 1)
+    mask = torch.eq(kc, k) if inside else None
+    q = kc.add_(0.5).mul_(step).sub_(fs)
+    return (q, mask) if inside else q
+
+
 class _AdcQuantize(torch.autograd.Function):
     """Mid-rise ADC with the LSQ gradient for its full scale (Esser et al., "Learned Step Size
     Quantization", ICLR 2020, adapted to a symmetric mid-rise converter of range ``r``).
 
-    Forward: ``q = (clamp(floor((y + r) / step), 0, n - 1) + 1/2) step - r``, ``step = 2 r / n``.
+    Forward: ``q = (clamp(floor((y + r) / step), 0, n - 1) + 1/2) step - r``, ``step = 2 r / n``,
+    with ``r = full_scale * scale`` (``scale`` has no gradient: e.g. each sample's input scale).
     Backward, treating ``floor`` as the identity (STE) as LSQ does:
 
     * ``dq/dy = 1`` inside the range and 0 where the converter saturates (the clipping is in
@@ -72,15 +93,14 @@ class _AdcQuantize(torch.autograd.Function):
     * ``dq/dr = (q - y) / r`` inside (the rounding error: LSQ's ``round(v/s) - v/s``) and
       ``q / r = +-(1 - 1/n)`` where it saturates (LSQ's ``-Q_n`` / ``Q_p``): a larger range
       lowers the clipping error and raises the rounding error, and the gradient weighs both.
+      Through ``r = full_scale * scale``: ``dq/dfull_scale = (dq/dr) r / full_scale``, so the
+      sum over the broadcast dimensions is formed before the one division by ``full_scale``.
     """
 
     @staticmethod
-    def forward(ctx, y, full_scale, bits):
-        n = 2 ** int(bits)
-        step = 2.0 * full_scale / n
-        k = torch.floor((y + full_scale) / step)
-        inside = (k >= 0) & (k <= n - 1)
-        q = (k.clamp(0, n - 1) + 0.5) * step - full_scale
+    def forward(ctx, y, full_scale, scale, bits):
+        fs = (full_scale * scale).expand_as(y)
+        q, inside = _mid_rise(y, bits, fs, inside=True)
         ctx.save_for_backward(y, q, full_scale, inside)
         return q
 
@@ -90,9 +110,21 @@ class _AdcQuantize(torch.autograd.Function):
         grad_y = grad * inside if ctx.needs_input_grad[0] else None
         grad_r = None
         if ctx.needs_input_grad[1]:
-            dq_dr = torch.where(inside, q - y, q) / full_scale
-            grad_r = _sum_to(grad * dq_dr, full_scale.shape)
-        return grad_y, grad_r, None
+            # dq/dr r = q - y inside, q outside; the r of dq/dr and of r = full_scale * scale cancel
+            grad_r = _sum_to(grad * torch.where(inside, q - y, q), full_scale.shape) / full_scale
+        return grad_y, grad_r, None, None
+
+
+class _AdcSte(torch.autograd.Function):
+    """The ADC's output with the straight-through gradient (identity in ``y``, also beyond the range)."""
+
+    @staticmethod
+    def forward(ctx, y, fs, bits):
+        return _mid_rise(y, bits, fs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
 
 
 def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
@@ -103,12 +135,13 @@ def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
-def adc_quantize(y: torch.Tensor, bits: int, full_scale: torch.Tensor) -> torch.Tensor:
-    """Output of a ``bits``-bit ADC on ``y`` (signed; same units as ``full_scale``).
+def adc_quantize(y: torch.Tensor, bits: int, full_scale: Union[torch.Tensor, float],
+                 scale: Union[torch.Tensor, float] = 1.0) -> torch.Tensor:
+    """Output of a ``bits``-bit ADC on ``y`` (signed; same units as ``full_scale * scale``).
 
-    Mid-rise quantiser over ``[-full_scale, full_scale]``: ``2**bits`` values
-    ``(k + 1/2) * step - full_scale``, ``step = 2 * full_scale / 2**bits``; inputs
-    beyond the range saturate. A 1-bit ADC gives ``+-full_scale / 2``.
+    Mid-rise quantiser over ``[-r, r]``, ``r = full_scale * scale``: ``2**bits`` values
+    ``(k + 1/2) * step - r``, ``step = 2 * r / 2**bits``; inputs beyond the range saturate.
+    A 1-bit ADC gives ``+-r / 2``.
 
     Gradient: with a fixed (or calibrated) range, the straight-through estimator (identity
     in ``y``, as in quantisation-aware training). When ``full_scale`` requires a gradient
@@ -118,10 +151,15 @@ def adc_quantize(y: torch.Tensor, bits: int, full_scale: torch.Tensor) -> torch.
     Args:
         y: converter inputs, any shape.
         full_scale: the range, broadcastable to ``y`` (e.g. one per tile and column).
+        scale: a factor of the range without gradient, broadcastable to ``y`` (e.g. each
+            sample's input scale); kept apart so that a learned range's gradient is summed
+            over the samples before it is scaled.
     """
     if isinstance(full_scale, torch.Tensor) and full_scale.requires_grad:
-        return _AdcQuantize.apply(y, full_scale, bits)
-    n = 2 ** int(bits)
-    step = 2.0 * full_scale / n
-    k = torch.floor((y + full_scale) / step).clamp(0, n - 1)
-    return ste(y, (k + 0.5) * step - full_scale)
+        scale = torch.as_tensor(scale, dtype=y.dtype, device=y.device)
+        return _AdcQuantize.apply(y, full_scale, scale.detach(), bits)
+    fs = full_scale * scale
+    fs = fs.expand_as(y) if isinstance(fs, torch.Tensor) else torch.full_like(y, float(fs))
+    if y.requires_grad and torch.is_grad_enabled():
+        return _AdcSte.apply(y, fs, bits)
+    return _mid_rise(y.detach(), bits, fs)

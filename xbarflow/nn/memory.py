@@ -28,15 +28,15 @@ from .layers import _XbarMixin
 #   per layer (quantiser temporaries; the C allocator keeps each layer's blocks); in
 #   calibration (one batch of 512) 1.8 x their sum plus 0.8 x the largest layer's laid out to
 #   the tiles' width (the percentiles' copies; fitted to 64x64 and 256x256 tiles), 1.8 x in a
-#   training step with fixed or calibrated ranges and 4.8 x with learned ones (LSQ keeps them
-#   for the backward).
+#   training step with fixed or calibrated ranges and 3.7 x with learned ones (LSQ keeps the
+#   inputs, the outputs and where they saturate for the backward).
 ACT_TRAIN_COPIES = 2.75
 ACT_EVAL_COPIES = 1.5
 ADC_EVAL_COPIES = 3.5
 ADC_CALIBRATION_COPIES = 2.0
 ADC_CALIBRATION_PADDED_COPIES = 1.0
 ADC_TRAIN_COPIES = 2.0
-ADC_TRAIN_LEARNED_COPIES = 5.0
+ADC_TRAIN_LEARNED_COPIES = 4.0
 
 
 @dataclass(frozen=True)
