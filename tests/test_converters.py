@@ -198,3 +198,25 @@ def test_evaluation_in_chunks_equals_one_pass_and_its_gradient_path(monkeypatch,
     reads_seen.clear()
     y = model(x)  # with a gradient: one pass per layer, the same output
     assert reads_seen == [37 * 36, 37] and torch.equal(y.detach(), whole)
+
+
+def test_lsq_range_gradient_with_a_per_sample_scale_is_the_product_rule():
+    """The range ``r = full_scale * scale`` (scale per sample, no gradient): the gradient that
+    the LSQ Function forms for ``full_scale`` directly (summed over the samples, then one
+    division) equals autograd's product rule through a full-size ``r``; the fixed-range (STE)
+    path gives the same output values."""
+    torch.manual_seed(0)
+    y = (torch.randn(3, 7, 5, dtype=torch.float64) * 0.5).requires_grad_()
+    frac = (torch.rand(3, 1, 5, dtype=torch.float64) * 0.5 + 0.1).requires_grad_()
+    scale = torch.rand(7, 1, dtype=torch.float64) + 0.5
+    grad = torch.randn(3, 7, 5, dtype=torch.float64)
+    for bits in (1, 3, 8):
+        q = adc_quantize(y, bits, frac, scale)
+        gy, gf = torch.autograd.grad(q, (y, frac), grad)
+        q_ref = adc_quantize(y, bits, frac * scale)  # r full-size, its gradient through autograd's mul
+        gy_ref, gf_ref = torch.autograd.grad(q_ref, (y, frac), grad)
+        assert torch.equal(q, q_ref) and torch.equal(gy, gy_ref)
+        assert torch.allclose(gf, gf_ref, rtol=1e-12, atol=0), (bits, (gf - gf_ref).abs().max())
+        assert torch.equal(adc_quantize(y, bits, frac.detach(), scale), q)  # STE: same values
+        some_saturate = (y.detach().abs() > frac.detach() * scale).any()
+        assert some_saturate  # the clipping branch of the gradient is exercised
