@@ -26,7 +26,7 @@ from .data import DataSplits, EpochShuffleSampler, build_datasets
 from .evaluation import calibration_loader, evaluate
 from .hardware import adc_range_mode, crossbar_spec, layer_selection, make_chip
 from .logged_model import log_model
-from .nn.calibration import calibrate_converters, converter_ranges, needs_converter_calibration
+from .nn.calibration import calibrate_converters, calibrated_by, converter_ranges
 from .nn.convert import convert, xbar_layers
 from .nn.layers import CROSSBAR_ONLY_PARAMS
 from .nn.memory import model_memory
@@ -145,9 +145,8 @@ def check_memory(typed: Config, model: torch.nn.Module, data: DataSplits, trains
     specs = [layer.spec for layer in xbar_layers(model)]
     # after training, calibrated ranges and DAC scales are set on xbar.calibration_samples images
     # (calibrate_periphery); technology-aware training calibrates on its first crossbar batch
-    after = any(needs_converter_calibration(s) and (s.adc_range_mode != "learned" or s.dac_range_mode == "calibrated")
-                for s in specs)
-    during = tech_aware and any(needs_converter_calibration(s) for s in specs)
+    after = any(calibrated_by(s, learned=False) for s in specs)
+    during = tech_aware and any(calibrated_by(s, learned=True) for s in specs)
     calibration_batch = max(min(typed.xbar.calibration_samples, len(data.train)) if after else 0,
                             train_batch if during else 0)
     estimate = model_memory(model, train_through_crossbar=tech_aware, in_shape=data.in_shape,

@@ -273,21 +273,24 @@ def tile_partials(x: torch.Tensor, W_eff: torch.Tensor, rows: int) -> torch.Tens
     return torch.bmm(xp.reshape(-1, n_r, rows).transpose(0, 1), Wp.reshape(n_r, rows, fan_out))
 
 
+def outputs_per_tile(spec: CrossbarSpec) -> int:
+    """Layer outputs one tile holds: its columns, or half of them with interleaved columns (G+, G-)."""
+    return spec.cols // 2 if spec.mapping == "interleaved" else spec.cols
+
+
 def adc_groups(fan_in: int, fan_out: int, spec: CrossbarSpec) -> tuple:
     """Shape ``(n_r, n_groups)`` of a layer's ADC ranges: one per tile (``n_groups`` tiles along
     the fan-out) or one per column pair (``n_groups = fan_out``), by ``spec.adc_granularity``."""
     n_r = math.ceil(fan_in / spec.rows)
     if spec.adc_granularity == "column":
         return n_r, fan_out
-    per_tile = spec.cols // 2 if spec.mapping == "interleaved" else spec.cols
-    return n_r, math.ceil(fan_out / per_tile)
+    return n_r, math.ceil(fan_out / outputs_per_tile(spec))
 
 
 def adc_range_per_output(adc_range: torch.Tensor, fan_out: int, spec: CrossbarSpec) -> torch.Tensor:
     """Ranges ``(n_r, n_groups)`` -> one per tile row and output, ``(n_r, 1, fan_out)``."""
     if adc_range.shape[-1] != fan_out:  # one per tile: every output of the tile shares it
-        per_tile = spec.cols // 2 if spec.mapping == "interleaved" else spec.cols
-        adc_range = adc_range.repeat_interleave(per_tile, dim=-1)[..., :fan_out]
+        adc_range = adc_range.repeat_interleave(outputs_per_tile(spec), dim=-1)[..., :fan_out]
     return adc_range.unsqueeze(-2)
 
 

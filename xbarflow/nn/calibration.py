@@ -85,7 +85,7 @@ def _percentile(values: torch.Tensor, q: float) -> torch.Tensor:
 
 def _converter_hook(layer: _XbarMixin, inputs) -> None:
     """Forward pre-hook: set the layer's calibrated DAC scale and ADC ranges from its input."""
-    from ..crossbar.effective import output_full_scale, tile_partials
+    from ..crossbar.effective import output_full_scale, outputs_per_tile, tile_partials
 
     spec = layer.spec
     x = inputs[0]
@@ -104,7 +104,7 @@ def _converter_hook(layer: _XbarMixin, inputs) -> None:
     if n_groups == fan_out:                                                 # one range per column pair
         per_group = frac.transpose(1, 2)                                    # (n_r, fan_out, reads)
     else:                                                                   # one range per tile
-        per_tile = spec.cols // 2 if spec.mapping == "interleaved" else spec.cols
+        per_tile = outputs_per_tile(spec)
         padded = torch.nn.functional.pad(frac, (0, n_groups * per_tile - fan_out), value=float("nan"))
         per_group = padded.reshape(n_r, reads, n_groups, per_tile).permute(0, 2, 1, 3).reshape(n_r, n_groups, -1)
     rng = _percentile(per_group, spec.adc_percentile).clamp_min(1e-6)
@@ -133,8 +133,7 @@ def calibrate_converters(model: nn.Module, x: torch.Tensor, learned: bool = True
     """
     from .convert import xbar_mode
 
-    layers = [m for m in model.modules() if isinstance(m, _XbarMixin) and needs_converter_calibration(m.spec)
-              and (learned or m.spec.adc_range_mode != "learned" or m.spec.dac_range_mode == "calibrated")]
+    layers = [m for m in model.modules() if isinstance(m, _XbarMixin) and calibrated_by(m.spec, learned)]
     if not layers:
         return False
     handles = [m.register_forward_pre_hook(_converter_hook) for m in layers]
@@ -154,6 +153,13 @@ def calibrate_converters(model: nn.Module, x: torch.Tensor, learned: bool = True
 def needs_converter_calibration(spec) -> bool:
     """True when a layer's DAC scale or ADC ranges are set by :func:`calibrate_converters`."""
     return spec.dac_range_mode == "calibrated" or (spec.has_adc and spec.adc_range_mode != "fixed")
+
+
+def calibrated_by(spec, learned: bool) -> bool:
+    """Whether :func:`calibrate_converters` with this ``learned`` sets something of a layer on ``spec``
+    (``learned=False``, after training: learned ADC ranges keep what training gave them)."""
+    return needs_converter_calibration(spec) and (
+        learned or spec.adc_range_mode != "learned" or spec.dac_range_mode == "calibrated")
 
 
 def converter_ranges(model: nn.Module) -> dict:

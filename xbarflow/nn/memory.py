@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..crossbar.effective import adc_groups, adc_reads_per_chunk
+from ..crossbar.effective import adc_groups, adc_reads_per_chunk, outputs_per_tile
 from ..crossbar.memory import ArrayMemory, array_memory
 from .layers import _XbarMixin
 
@@ -162,8 +162,7 @@ def _per_sample_shapes(model: nn.Module, in_shape: Sequence[int]):
             n_r, n_groups = adc_groups(fan_in, fan_out, spec)
             per_sample = reads * n_r * fan_out
             # calibration lays a tile's outputs out to the tile's width (its padded columns)
-            per_tile = spec.cols // 2 if spec.mapping == "interleaved" else spec.cols
-            padded = reads * n_r * (fan_out if n_groups == fan_out else n_groups * per_tile)
+            padded = reads * n_r * (fan_out if n_groups == fan_out else n_groups * outputs_per_tile(spec))
             adc.append((per_sample, adc_reads_per_chunk(fan_in, fan_out, spec), reads, padded))
             counts["learned"] |= module.spec.adc_range_mode == "learned"
 
