@@ -142,7 +142,8 @@ def test_memory_limit_is_configurable_and_warns_near_it(workdir):
 
 def test_adc_partial_outputs_too_large_name_their_batch_and_a_smaller_one_runs(workdir):
     # the paper CNN with column ADCs on 64x64 tiles: 147,536 partial outputs per image (n_r times
-    # each layer's output); calibrating the converters on 512 images needs ~1.9 GB, the arrays 0.09
+    # each layer's output); calibrating the converters on 512 images needs ~0.67 GB (its percentiles
+    # go in chunks, but each layer's im2col view of the batch is whole), the arrays 0.09
     cnn_adc = ["experiment=smoke", "dataset=digits", "model=cnn", "nonideality.adc=true", "xbar.adc_range_mode=calibrated",
                "trainer.memory_limit_gb=0.5"]
     proc = run_cli(cnn_adc, cwd=workdir)
@@ -150,7 +151,7 @@ def test_adc_partial_outputs_too_large_name_their_batch_and_a_smaller_one_runs(w
                             "ADC partial outputs at xbar.calibration_samples", "lower xbar.calibration_samples")
     assert line.startswith("error: xbar.calibration_samples:")
     _no_run_left(workdir)
-    # smaller batches in every phase fit (~0.32 GB) and the run goes through, without a warning
+    # smaller batches in every phase fit (~0.19 GB, a training step) and the run goes through, without a warning
     proc = run_cli([*cnn_adc, "xbar.calibration_samples=64", "eval.batch_size=100", "training.batch_size=32"],
                    cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-2000:]

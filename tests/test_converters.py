@@ -220,3 +220,41 @@ def test_lsq_range_gradient_with_a_per_sample_scale_is_the_product_rule():
         assert torch.equal(adc_quantize(y, bits, frac.detach(), scale), q)  # STE: same values
         some_saturate = (y.detach().abs() > frac.detach() * scale).any()
         assert some_saturate  # the clipping branch of the gradient is exercised
+
+
+@pytest.mark.parametrize("granularity,mapping,min_columns,chunks", [
+    # 40 outputs on 16-column tiles: 3 tiles, the last one half used (8 outputs)
+    ("tile", "separate", 1, {1: [16, 16, 8], 2: [32, 8], 3: [40]}),
+    ("tile", "separate", 32, {1: [32, 8]}),  # at least 32 outputs a product: two tiles
+    ("tile", "interleaved", 1, {2: [16, 16, 8], 5: [40]}),  # 8 outputs a tile: 5 tiles, all whole
+    ("column", "separate", 1, {7: [7] * 5 + [5], 40: [40]}),
+    ("column", "separate", 32, {1: [32, 8]}),
+])
+def test_calibration_in_chunks_of_adc_groups_equals_one_pass(monkeypatch, granularity, mapping, min_columns, chunks):
+    """The ranges' percentiles go through in chunks of whole ADC groups (memory bounded by
+    ADC_CHUNK_PARTIALS, at least MIN_CALIBRATION_COLUMNS outputs a product): the same ranges as
+    with every partial output at once, and they still cover the percentile against the circuit
+    computed directly."""
+    from xbarflow.crossbar import effective as eff
+    from xbarflow.nn import calibration
+
+    spec = SPEC.replace(adc_granularity=granularity, mapping=mapping)
+    x = torch.rand(400, 40)
+    one_pass = _layer(spec, fan_out=40)
+    calibrate_converters(one_pass, x)
+    per_group = 1 if granularity == "column" else spec.cols // (2 if mapping == "interleaved" else 1)
+    tile_partials = eff.tile_partials
+    monkeypatch.setattr(calibration, "MIN_CALIBRATION_COLUMNS", min_columns)
+    for groups, widths in chunks.items():
+        seen: list = []
+        monkeypatch.setattr(eff, "ADC_CHUNK_PARTIALS", groups * 3 * 400 * per_group)  # 3 tile rows, 400 reads
+        monkeypatch.setattr(eff, "tile_partials", lambda x2, W, rows, seen=seen: seen.append(W.shape[1])
+                            or tile_partials(x2, W, rows))
+        model = _layer(spec, fan_out=40)
+        calibrate_converters(model, x)
+        # the pre-hook's calls, then the layer's own forward (its reads in chunks, every output)
+        assert seen[:len(widths)] == widths and set(seen[len(widths):]) == {40}, seen
+        assert torch.equal(model[0].log_adc_range, one_pass[0].log_adc_range), groups
+    if mapping == "separate":
+        cover = _coverage(one_pass, x, spec)
+        assert (cover >= 0.90 - 1e-9).all() and (cover <= 0.90 + 2.0 / (400 * 8 if granularity == "tile" else 400) + 1e-9).all()

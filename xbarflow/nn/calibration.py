@@ -75,18 +75,77 @@ def reset_column_gains(model: nn.Module) -> None:
 _QUANTILE_MAX = 2 ** 24 - 1
 
 
-def _percentile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """The ``q``-th percentile (0-100) along the last dimension, NaNs ignored."""
-    if values.numel() > _QUANTILE_MAX:
-        stride = -(-values.numel() // _QUANTILE_MAX)
-        values = values[..., ::stride]
+def _percentile(values: torch.Tensor, q: float, numel: Optional[int] = None) -> torch.Tensor:
+    """The ``q``-th percentile (0-100) along the last dimension, NaNs ignored.
+
+    ``numel``: the size of the whole set when ``values`` is one chunk of its rows (the
+    subsampling stride, if any, is the whole set's, so chunks give what the whole set gives).
+    """
+    numel = values.numel() if numel is None else numel
+    if numel > _QUANTILE_MAX:
+        values = values[..., ::-(-numel // _QUANTILE_MAX)]
     return torch.nanquantile(values.float(), q / 100.0, dim=-1).to(values.dtype)
+
+
+# Fewest layer outputs one product of the chunked ADC calibration forms: a product of a few
+# columns runs at the speed of reading its inputs (one column per product made per-column ranges
+# 4x slower; 32 is as fast as one product of every column, on 64x64 and 256x256 tiles).
+MIN_CALIBRATION_COLUMNS = 32
+
+
+def calibration_groups_per_chunk(n_r: int, reads: int, per_group: int) -> int:
+    """ADC groups (of ``per_group`` layer outputs) whose partial outputs calibration forms at once:
+    at most ``ADC_CHUNK_PARTIALS`` partial outputs, but at least one group and
+    ``MIN_CALIBRATION_COLUMNS`` outputs. ``n_r`` tile rows, ``reads`` rows of the batch's im2col view."""
+    from ..crossbar.effective import ADC_CHUNK_PARTIALS
+
+    return max(1, ADC_CHUNK_PARTIALS // (n_r * reads * per_group), -(-MIN_CALIBRATION_COLUMNS // per_group))
+
+
+def _adc_ranges(layer: _XbarMixin, x2: torch.Tensor, x_max) -> torch.Tensor:
+    """Per tile row and ADC group ``(n_r, n_groups)``: the ``spec.adc_percentile``-th percentile of
+    ``|I+ - I-|`` over the reads of ``x2`` ``(reads, fan_in)``, as a fraction of a tile's largest
+    differential current.
+
+    A group's percentile needs only its own columns, so the groups go through in chunks
+    (:func:`calibration_groups_per_chunk`): the same ranges as with every partial output of the
+    batch formed at once, in a bounded memory (the percentile's sort copies its input). A last
+    tile that the layer fills only in part is taken on its own, at its used width (a layout to
+    the tile's full width would be mostly padding).
+    """
+    from ..crossbar.effective import output_full_scale, outputs_per_tile, tile_partials
+
+    spec = layer.spec
+    W_eff = layer.effective_weight_matrix()
+    full = output_full_scale(spec, layer.weight_range(), x_max)
+    fan_out = W_eff.shape[1]
+    n_r, n_groups = layer.log_adc_range.shape
+    reads = x2.shape[0]
+    per_group = 1 if n_groups == fan_out else outputs_per_tile(spec)       # layer outputs in a group
+    numel = n_r * reads * fan_out                                          # the whole set's values
+    chunk = calibration_groups_per_chunk(n_r, reads, per_group)
+    ranges = []
+    for g0 in range(0, n_groups, chunk):
+        g1 = min(n_groups, g0 + chunk)
+        frac = tile_partials(x2, W_eff[:, g0 * per_group:g1 * per_group], spec.rows)
+        frac.div_(full).abs_()                                              # (n_r, reads, columns)
+        if per_group == 1:                                                  # one range per column pair
+            values = frac.transpose(1, 2)                                   # (n_r, groups, reads)
+        elif frac.shape[-1] == (g1 - g0) * per_group:                       # whole tiles
+            values = frac.reshape(n_r, reads, g1 - g0, per_group).permute(0, 2, 1, 3).reshape(n_r, g1 - g0, -1)
+        else:                                                               # whole tiles, then the last one
+            whole = (g1 - 1 - g0) * per_group
+            if whole:
+                values = frac[..., :whole].reshape(n_r, reads, g1 - 1 - g0, per_group).permute(0, 2, 1, 3)
+                ranges.append(_percentile(values.reshape(n_r, g1 - 1 - g0, -1), spec.adc_percentile, numel))
+            values = frac[..., whole:].reshape(n_r, 1, -1)
+        ranges.append(_percentile(values, spec.adc_percentile, numel))
+        del frac, values
+    return torch.cat(ranges, dim=-1).clamp_min(1e-6)
 
 
 def _converter_hook(layer: _XbarMixin, inputs) -> None:
     """Forward pre-hook: set the layer's calibrated DAC scale and ADC ranges from its input."""
-    from ..crossbar.effective import output_full_scale, outputs_per_tile, tile_partials
-
     spec = layer.spec
     x = inputs[0]
     if spec.dac_range_mode == "calibrated":
@@ -95,20 +154,7 @@ def _converter_hook(layer: _XbarMixin, inputs) -> None:
     if not spec.has_adc or spec.adc_range_mode == "fixed" or getattr(layer, "_keep_learned_range", False):
         return
     x2, x_max = layer.array_inputs(x)
-    W_eff = layer.effective_weight_matrix()
-    partials = tile_partials(x2, W_eff, spec.rows)                          # (n_r, reads, fan_out)
-    full = output_full_scale(spec, layer.weight_range(), x_max)
-    frac = (partials / full).abs()                                          # of a tile's largest current
-    n_r, reads, fan_out = frac.shape
-    n_groups = layer.log_adc_range.shape[-1]
-    if n_groups == fan_out:                                                 # one range per column pair
-        per_group = frac.transpose(1, 2)                                    # (n_r, fan_out, reads)
-    else:                                                                   # one range per tile
-        per_tile = outputs_per_tile(spec)
-        padded = torch.nn.functional.pad(frac, (0, n_groups * per_tile - fan_out), value=float("nan"))
-        per_group = padded.reshape(n_r, reads, n_groups, per_tile).permute(0, 2, 1, 3).reshape(n_r, n_groups, -1)
-    rng = _percentile(per_group, spec.adc_percentile).clamp_min(1e-6)
-    layer.log_adc_range.data.copy_(rng.log())
+    layer.log_adc_range.data.copy_(_adc_ranges(layer, x2, x_max).log())
 
 
 @torch.no_grad()

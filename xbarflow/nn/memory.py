@@ -8,13 +8,14 @@ the digital sum (``n_r`` times the layer's own output, ``n_r`` the tile rows).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..crossbar.effective import adc_groups, adc_reads_per_chunk, outputs_per_tile
 from ..crossbar.memory import ArrayMemory, array_memory
+from .calibration import calibration_groups_per_chunk
 from .layers import _XbarMixin
 
 # Bytes per float of what grows with the batch, as multiples of the counts below. Measured on
@@ -25,18 +26,35 @@ from .layers import _XbarMixin
 # * evaluation frees as it goes: 1.5 x the largest output and its input;
 # * the ADC's partial outputs: in evaluation (no gradient) they go through in chunks of at
 #   most ADC_CHUNK_PARTIALS (:func:`~xbarflow.crossbar.effective.adc_apply`), counted 3.5 x
-#   per layer (quantiser temporaries; the C allocator keeps each layer's blocks); in
-#   calibration (one batch of 512) 1.8 x their sum plus 0.8 x the largest layer's laid out to
-#   the tiles' width (the percentiles' copies; fitted to 64x64 and 256x256 tiles), 1.8 x in a
+#   per layer (quantiser temporaries; the C allocator keeps each layer's blocks); 1.8 x in a
 #   training step with fixed or calibrated ranges and 3.7 x with learned ones (LSQ keeps the
-#   inputs, the outputs and where they saturate for the backward).
+#   inputs, the outputs and where they saturate for the backward);
+# * converter calibration (one batch, :func:`~xbarflow.nn.calibration.calibrate_converters`)
+#   goes layer by layer: the layer's im2col view of the whole batch (built, then copied to one
+#   row per read) and one chunk of partial outputs (whole ADC groups, see
+#   :func:`~xbarflow.nn.calibration.calibration_groups_per_chunk`) with the percentile's sorted
+#   copy; the largest layer counts, 1.5 x each (the paper CNN on 64x64 and 256x256 tiles,
+#   per-tile and per-column ranges, separate and interleaved columns, batches of 256 and 512:
+#   -15 % to +32 % of the measured peak).
 ACT_TRAIN_COPIES = 2.75
 ACT_EVAL_COPIES = 1.5
 ADC_EVAL_COPIES = 3.5
-ADC_CALIBRATION_COPIES = 2.0
-ADC_CALIBRATION_PADDED_COPIES = 1.0
+CALIBRATION_INPUT_COPIES = 1.5
+ADC_CALIBRATION_COPIES = 1.5
 ADC_TRAIN_COPIES = 2.0
 ADC_TRAIN_LEARNED_COPIES = 4.0
+
+
+class _AdcLayer(NamedTuple):
+    """Per sample counts of one crossbar layer with an ADC (floats, reads: rows of its im2col view)."""
+
+    per_sample: int   # partial outputs: reads x tile rows x outputs
+    chunk_reads: int  # reads an evaluation chunk converts at once
+    reads: int        # 1 for a linear layer, the output positions of a convolution
+    inputs: int       # its array inputs: reads x fan-in
+    n_r: int          # tile rows
+    per_group: int    # layer outputs that share an ADC range (1 per column pair, or a tile's)
+    fan_out: int
 
 
 @dataclass(frozen=True)
@@ -138,9 +156,8 @@ def model_memory(model: nn.Module, train_through_crossbar: bool, in_shape: Optio
 def _per_sample_shapes(model: nn.Module, in_shape: Sequence[int]):
     """``(outputs, largest, adc_layers, learned)`` of one sample through ``model`` (ideal mode).
 
-    ``adc_layers`` lists, for each crossbar layer with an ADC, ``(partial outputs per sample,
-    reads per evaluation chunk, reads per sample, partial outputs per sample laid out to the
-    tiles' width)``; ``learned``: some layer learns its ADC ranges.
+    ``adc_layers`` lists an :class:`_AdcLayer` for each crossbar layer with an ADC; ``learned``:
+    some layer learns its ADC ranges.
 
     One forward pass of a single zero sample in evaluation mode, on the software weights
     (cheap: no crossbar is simulated), with hooks that count each leaf module's output and,
@@ -161,9 +178,9 @@ def _per_sample_shapes(model: nn.Module, in_shape: Sequence[int]):
             spec = module.spec
             n_r, n_groups = adc_groups(fan_in, fan_out, spec)
             per_sample = reads * n_r * fan_out
-            # calibration lays a tile's outputs out to the tile's width (its padded columns)
-            padded = reads * n_r * (fan_out if n_groups == fan_out else n_groups * outputs_per_tile(spec))
-            adc.append((per_sample, adc_reads_per_chunk(fan_in, fan_out, spec), reads, padded))
+            per_group = 1 if n_groups == fan_out else outputs_per_tile(spec)
+            adc.append(_AdcLayer(per_sample, adc_reads_per_chunk(fan_in, fan_out, spec), reads, reads * fan_in,
+                                 n_r, per_group, fan_out))
             counts["learned"] |= module.spec.adc_range_mode == "learned"
 
     param = next(model.parameters(), None)
@@ -187,6 +204,13 @@ def _eval_chunk(per_sample: int, chunk_reads: int, reads: int, batch: int) -> in
     return per_sample * min(batch, max(1, chunk_reads // reads))
 
 
+def _calibration_chunk(layer: _AdcLayer, batch: int) -> int:
+    """Partial outputs a layer forms at once in calibration (whole ADC groups)."""
+    reads = layer.reads * batch
+    groups = calibration_groups_per_chunk(layer.n_r, reads, layer.per_group)
+    return layer.n_r * reads * min(layer.fan_out, groups * layer.per_group)
+
+
 def activation_memory(model: nn.Module, in_shape: Sequence[int], *, train_batch: int, eval_batch: int,
                       calibration_batch: int = 0, train_through_crossbar: bool = False,
                       itemsize: int = 4) -> ActivationMemory:
@@ -206,14 +230,15 @@ def activation_memory(model: nn.Module, in_shape: Sequence[int], *, train_batch:
         An :class:`ActivationMemory` (bytes; see the constants above for how they were measured).
     """
     outputs, largest, layers, learned = _per_sample_shapes(model, in_shape)
-    adc = sum(entry[0] for entry in layers)
-    chunks = sum(_eval_chunk(per_sample, chunk, reads, eval_batch) for per_sample, chunk, reads, _ in layers)
-    padded = max((entry[3] for entry in layers), default=0)
+    adc = sum(layer.per_sample for layer in layers)
+    chunks = sum(_eval_chunk(layer.per_sample, layer.chunk_reads, layer.reads, eval_batch) for layer in layers)
+    calibration_layer = max((CALIBRATION_INPUT_COPIES * layer.inputs * calibration_batch
+                             + ADC_CALIBRATION_COPIES * _calibration_chunk(layer, calibration_batch)
+                             for layer in layers), default=0.0) if calibration_batch else 0.0
     train = ACT_TRAIN_COPIES * train_batch * outputs
     if train_through_crossbar:
         train += (ADC_TRAIN_LEARNED_COPIES if learned else ADC_TRAIN_COPIES) * train_batch * adc
     evaluation = ACT_EVAL_COPIES * eval_batch * largest + ADC_EVAL_COPIES * chunks
-    calibration = (ACT_EVAL_COPIES * largest + ADC_CALIBRATION_COPIES * adc
-                   + ADC_CALIBRATION_PADDED_COPIES * padded) * calibration_batch
+    calibration = ACT_EVAL_COPIES * largest * calibration_batch + calibration_layer
     return ActivationMemory(outputs, largest, adc, chunks, train * itemsize, evaluation * itemsize,
                             calibration * itemsize)
