@@ -6,7 +6,11 @@ STAMP := $(VENV)/.xbarflow-installed
 
 .PHONY: install demo lint test test-slow bench ui clean
 
+# The venv takes about 6.5 GB (torch 2.14.1 with its CUDA libraries): a short disk is named
+# up front instead of surfacing as pip's "No space left on device" half-way through.
 $(STAMP): pyproject.toml constraints.txt
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$free" -ge 7 ] || \
+	  echo "warning: $$free GB free on this disk; installing .venv needs about 7 GB" >&2
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,sweep]"
