@@ -18,6 +18,14 @@ class ConfigError(ValueError):
     """A configuration value outside its allowed range."""
 
 
+class DatasetUnavailable(RuntimeError):
+    """The dataset cannot be had (offline, missing or corrupt files); the message says how to get it.
+
+    Defined here, beside :class:`ConfigError` (the other kind of bad input), so that an entry
+    point can catch both without importing torch.
+    """
+
+
 def _rng(ge=None, gt=None, le=None, lt=None, choices=None, integer=False):
     return {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "integer": integer}
 

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, TensorDataset
 
+from ..config import DatasetUnavailable
+
+__all__ = ["DatasetUnavailable", "DataSplits", "EpochShuffleSampler", "build_datasets", "tensor_splits"]
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-class DatasetUnavailable(RuntimeError):
-    """The dataset cannot be had (offline, missing or corrupt files); the message says how to get it."""
 
 
 @dataclass
