@@ -278,13 +278,15 @@ def outputs_per_tile(spec: CrossbarSpec) -> int:
     return spec.cols // 2 if spec.mapping == "interleaved" else spec.cols
 
 
+def outputs_per_adc_range(spec: CrossbarSpec) -> int:
+    """Layer outputs that share one ADC range: a tile's, or 1 (per column pair), by ``spec.adc_granularity``."""
+    return 1 if spec.adc_granularity == "column" else outputs_per_tile(spec)
+
+
 def adc_groups(fan_in: int, fan_out: int, spec: CrossbarSpec) -> tuple:
     """Shape ``(n_r, n_groups)`` of a layer's ADC ranges: one per tile (``n_groups`` tiles along
     the fan-out) or one per column pair (``n_groups = fan_out``), by ``spec.adc_granularity``."""
-    n_r = math.ceil(fan_in / spec.rows)
-    if spec.adc_granularity == "column":
-        return n_r, fan_out
-    return n_r, math.ceil(fan_out / outputs_per_tile(spec))
+    return math.ceil(fan_in / spec.rows), math.ceil(fan_out / outputs_per_adc_range(spec))
 
 
 def adc_range_per_output(adc_range: torch.Tensor, fan_out: int, spec: CrossbarSpec) -> torch.Tensor:

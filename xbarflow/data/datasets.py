@@ -22,8 +22,6 @@ from torch.utils.data import Dataset, Sampler, TensorDataset
 
 from ..config import DatasetUnavailable
 
-__all__ = ["DatasetUnavailable", "DataSplits", "EpochShuffleSampler", "build_datasets", "tensor_splits"]
-
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 

@@ -102,6 +102,15 @@ def calibration_groups_per_chunk(n_r: int, reads: int, per_group: int) -> int:
     return max(1, ADC_CHUNK_PARTIALS // (n_r * reads * per_group), -(-MIN_CALIBRATION_COLUMNS // per_group))
 
 
+def _rows_of_groups(frac: torch.Tensor, per_group: int) -> torch.Tensor:
+    """``(n_r, reads, groups * per_group)`` -> ``(n_r, groups, reads * per_group)``: each ADC group's
+    values in one row (a view for one range per column pair)."""
+    n_r, reads, columns = frac.shape
+    if per_group == 1:
+        return frac.transpose(1, 2)
+    return frac.reshape(n_r, reads, columns // per_group, per_group).permute(0, 2, 1, 3).reshape(n_r, columns // per_group, -1)
+
+
 def _adc_ranges(layer: _XbarMixin, x2: torch.Tensor, x_max) -> torch.Tensor:
     """Per tile row and ADC group ``(n_r, n_groups)``: the ``spec.adc_percentile``-th percentile of
     ``|I+ - I-|`` over the reads of ``x2`` ``(reads, fan_in)``, as a fraction of a tile's largest
@@ -113,7 +122,7 @@ def _adc_ranges(layer: _XbarMixin, x2: torch.Tensor, x_max) -> torch.Tensor:
     tile that the layer fills only in part is taken on its own, at its used width (a layout to
     the tile's full width would be mostly padding).
     """
-    from ..crossbar.effective import output_full_scale, outputs_per_tile, tile_partials
+    from ..crossbar.effective import output_full_scale, outputs_per_adc_range, tile_partials
 
     spec = layer.spec
     W_eff = layer.effective_weight_matrix()
@@ -121,7 +130,7 @@ def _adc_ranges(layer: _XbarMixin, x2: torch.Tensor, x_max) -> torch.Tensor:
     fan_out = W_eff.shape[1]
     n_r, n_groups = layer.log_adc_range.shape
     reads = x2.shape[0]
-    per_group = 1 if n_groups == fan_out else outputs_per_tile(spec)       # layer outputs in a group
+    per_group = outputs_per_adc_range(spec)                                # layer outputs in a group
     numel = n_r * reads * fan_out                                          # the whole set's values
     chunk = calibration_groups_per_chunk(n_r, reads, per_group)
     ranges = []
@@ -129,18 +138,13 @@ def _adc_ranges(layer: _XbarMixin, x2: torch.Tensor, x_max) -> torch.Tensor:
         g1 = min(n_groups, g0 + chunk)
         frac = tile_partials(x2, W_eff[:, g0 * per_group:g1 * per_group], spec.rows)
         frac.div_(full).abs_()                                              # (n_r, reads, columns)
-        if per_group == 1:                                                  # one range per column pair
-            values = frac.transpose(1, 2)                                   # (n_r, groups, reads)
-        elif frac.shape[-1] == (g1 - g0) * per_group:                       # whole tiles
-            values = frac.reshape(n_r, reads, g1 - g0, per_group).permute(0, 2, 1, 3).reshape(n_r, g1 - g0, -1)
-        else:                                                               # whole tiles, then the last one
-            whole = (g1 - 1 - g0) * per_group
-            if whole:
-                values = frac[..., :whole].reshape(n_r, reads, g1 - 1 - g0, per_group).permute(0, 2, 1, 3)
-                ranges.append(_percentile(values.reshape(n_r, g1 - 1 - g0, -1), spec.adc_percentile, numel))
-            values = frac[..., whole:].reshape(n_r, 1, -1)
-        ranges.append(_percentile(values, spec.adc_percentile, numel))
-        del frac, values
+        whole = frac.shape[-1] // per_group                                 # groups of per_group columns
+        if whole:
+            ranges.append(_percentile(_rows_of_groups(frac[..., :whole * per_group], per_group),
+                                      spec.adc_percentile, numel))
+        if whole * per_group < frac.shape[-1]:                              # a last tile used in part
+            ranges.append(_percentile(frac[..., whole * per_group:].reshape(n_r, 1, -1), spec.adc_percentile, numel))
+        del frac
     return torch.cat(ranges, dim=-1).clamp_min(1e-6)
 
 

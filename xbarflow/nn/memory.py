@@ -13,7 +13,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..crossbar.effective import adc_groups, adc_reads_per_chunk, outputs_per_tile
+from ..crossbar.effective import adc_groups, adc_reads_per_chunk, outputs_per_adc_range
 from ..crossbar.memory import ArrayMemory, array_memory
 from .calibration import calibration_groups_per_chunk
 from .layers import _XbarMixin
@@ -176,11 +176,9 @@ def _per_sample_shapes(model: nn.Module, in_shape: Sequence[int]):
             fan_in, fan_out = module.weight[0].numel(), module.weight.shape[0]
             reads = output.numel() // fan_out  # positions of a convolution, 1 for a linear layer
             spec = module.spec
-            n_r, n_groups = adc_groups(fan_in, fan_out, spec)
-            per_sample = reads * n_r * fan_out
-            per_group = 1 if n_groups == fan_out else outputs_per_tile(spec)
-            adc.append(_AdcLayer(per_sample, adc_reads_per_chunk(fan_in, fan_out, spec), reads, reads * fan_in,
-                                 n_r, per_group, fan_out))
+            n_r, _ = adc_groups(fan_in, fan_out, spec)
+            adc.append(_AdcLayer(reads * n_r * fan_out, adc_reads_per_chunk(fan_in, fan_out, spec), reads,
+                                 reads * fan_in, n_r, outputs_per_adc_range(spec), fan_out))
             counts["learned"] |= module.spec.adc_range_mode == "learned"
 
     param = next(model.parameters(), None)
