@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 # Only light modules here: bad input is answered before torch, Lightning and MLflow load
 # (about 1 s instead of 6 s); the pipeline is imported once the config has passed.
-from xbarflow.config import ConfigError, DatasetUnavailable, register_configs, validate
+from xbarflow.config import ConfigError, DatasetUnavailable, init_from_file, register_configs, validate
 
 register_configs()
 
@@ -39,8 +39,10 @@ def main(cfg: DictConfig) -> float:
         tracking.redact_files(Path(hc.runtime.output_dir) / hc.output_subdir)
     if multirun:  # the sweeper's copy, at once: a sweep killed before its end leaves no secret behind
         tracking.redact_files(Path(hc.sweep.dir), "multirun.yaml")
-    try:
-        validate(cfg)  # again in run_experiment; here before the heavy imports
+    try:  # both again in run_experiment; here before the heavy imports
+        typed = validate(cfg)
+        if typed.training.init_from:
+            init_from_file(typed.training.init_from, hc.runtime.cwd)
     except ConfigError as e:
         return _refuse(e, hc, multirun)
     from pytorch_lightning.utilities.exceptions import SIGTERMException

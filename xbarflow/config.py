@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -24,6 +25,21 @@ class DatasetUnavailable(RuntimeError):
     Defined here, beside :class:`ConfigError` (the other kind of bad input), so that an entry
     point can catch both without importing torch.
     """
+
+
+def init_from_file(path: str, start_dir: Optional[str] = None) -> Path:
+    """The file ``training.init_from`` names, a relative path taken from the directory the run
+    started in (``start_dir``).
+
+    Raises:
+        ConfigError: one line, when there is no such file.
+    """
+    file = Path(path)
+    if not file.is_absolute() and start_dir:
+        file = Path(start_dir) / file
+    if not file.is_file():
+        raise ConfigError(f"training.init_from={path}: no such file")
+    return file
 
 
 def _rng(ge=None, gt=None, le=None, lt=None, choices=None, integer=False):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader
 from . import source as source_module
 from . import sweep_view, tracking
 from .builders import build_model
-from .config import Config, ConfigError, validate
+from .config import Config, ConfigError, init_from_file, validate
 from .data import DataSplits, EpochShuffleSampler, build_datasets
 from .evaluation import calibration_loader, evaluate
 from .hardware import adc_range_mode, crossbar_spec, layer_selection, make_chip
@@ -103,11 +102,7 @@ def load_initial_weights(model: torch.nn.Module, path: str, start_dir: Optional[
         ConfigError: one line, when the file is missing, unreadable or does not fit the model.
     """
     key = "training.init_from"
-    file = Path(path)
-    if not file.is_absolute() and start_dir:
-        file = Path(start_dir) / file
-    if not file.is_file():
-        raise ConfigError(f"{key}={path}: no such file")
+    file = init_from_file(path, start_dir)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
