@@ -134,8 +134,9 @@ def check_memory(typed: Config, model: torch.nn.Module, data: DataSplits, trains
     Raises:
         ConfigError: one line naming the phase, the largest layer and the estimate.
     """
-    # only technology-aware training holds the arrays for a backward pass (not an evaluation-only run)
-    tech_aware = typed.training.mode == "tech_aware" and typed.mode == "train" and trains
+    # only technology-aware training holds the arrays for a backward pass (not a run that deploys
+    # earlier weights: mode=evaluate, or training.reuse; `trains` implies mode=train)
+    tech_aware = typed.training.mode == "tech_aware" and trains
     train_batch = min(typed.training.batch_size, len(data.train)) if trains else 0
     specs = [layer.spec for layer in xbar_layers(model)]
     # after training, calibrated ranges and DAC scales are set on xbar.calibration_samples images
