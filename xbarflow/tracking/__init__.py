@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .config import ConfigError
+from ..config import ConfigError
 
 PARENT_FILE = "mlflow_parent.json"
 FAILURES_FILE = "failed_jobs.jsonl"
@@ -569,7 +569,7 @@ class MlflowSweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         exp_id = experiment_id(client, config.logger.experiment_name)
         overrides = redact(" ".join(config.hydra.overrides.task))
-        from .sweep_view import SWEPT_TAG, parent_name, set_model_training_kind, swept_keys
+        from ..sweep_view import SWEPT_TAG, parent_name, set_model_training_kind, swept_keys
 
         set_model_training_kind(client, exp_id)
         keys = swept_keys(config)
@@ -617,7 +617,7 @@ def finish_sweep(client, parent_id: str, sweep_dir: Path):
     rows = sweep_table(client, parent_id, str(sweep_dir))
     table = format_table(rows)
     client.log_text(parent_id, table + "\n", "sweep_summary.md")
-    from .sweep_view import html_table
+    from ..sweep_view import html_table
 
     if rows:
         client.log_text(parent_id, html_table(rows), "sweep_summary.html")
@@ -887,7 +887,7 @@ def finish_uploaded_sweep(sweep_dir: Path, uri: str) -> str:
 def log_layer_table(record: "RunRecord", model) -> int:
     """Print the layer table of a converted model, log it as ``layers.md`` and ``layers.json``
     and the number of crossbar arrays as the param ``n_crossbar_arrays``; returns that number."""
-    from .nn.table import format_layer_table, layer_table
+    from ..nn.table import format_layer_table, layer_table
 
     rows = layer_table(model)
     text = format_layer_table(rows)
