@@ -2,7 +2,10 @@
 
 With ``compensation`` other than ``none`` the digital periphery of the nominal crossbar
 and of every chip at every read time is calibrated first (:mod:`xbarflow.nn.compensation`)
-on a batch of *training* images, and the trained gains are put back afterwards.
+on a batch of *training* images, and the trained gains are put back afterwards. With
+``bn_recalibration="chip"`` every BatchNorm's running statistics are then re-estimated on
+training images read through that chip (:mod:`xbarflow.nn.batchnorm`), and the trained
+statistics are put back afterwards too.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.classification import MulticlassAccuracy
 
 from .crossbar.variation import Chip
+from .nn.batchnorm import BN_RECALIBRATIONS, reestimate_batchnorm, saved_batchnorm_stats
 from .nn.compensation import COMPENSATIONS, compensate, saved_column_gains
 from .nn.convert import set_mode
 
@@ -41,6 +45,8 @@ def evaluate(
     times: Sequence[float] = (),
     compensation: str = "none",
     calibration_loader: Optional[DataLoader] = None,
+    bn_recalibration: str = "none",
+    bn_loader: Optional[DataLoader] = None,
 ) -> Tuple[Dict[str, float], List[float]]:
     """Accuracy (percent) three ways; chip ``i`` has seed ``chip_seed + i``.
 
@@ -62,19 +68,35 @@ def evaluate(
     ``calibration_loader`` (:func:`calibration_loader`: training images, never the test
     split), and restored to the trained ones right after, so nothing carries over to the
     next chip or time. With read noise, the calibration is the chip's first read(s).
+
+    BatchNorm re-estimation (``none``, ``chip``): with ``chip``, after the compensation, every
+    BatchNorm's running statistics are re-estimated on the images of ``bn_loader`` (training
+    images, never the test split) read through the nominal crossbar, each chip and each read
+    time, and restored to the trained ones right after. The software accuracy keeps the
+    trained statistics.
     """
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation must be one of {', '.join(COMPENSATIONS)} (got {compensation!r})")
+    if bn_recalibration not in BN_RECALIBRATIONS:
+        raise ValueError(f"bn_recalibration must be one of {', '.join(BN_RECALIBRATIONS)} (got {bn_recalibration!r})")
     x_cal = None
     if compensation != "none":
         if calibration_loader is None:
             raise ValueError(f"compensation {compensation!r} needs a calibration_loader of training images")
         x_cal = torch.cat([x for x, _ in calibration_loader]).to(device)
+    x_bn: List[torch.Tensor] = []
+    if bn_recalibration != "none":
+        if bn_loader is None:
+            raise ValueError(f"bn_recalibration {bn_recalibration!r} needs a bn_loader of training images")
+        x_bn = [x.to(device) for x, _ in bn_loader]
 
     def measure() -> float:
-        with saved_column_gains(model):
+        with saved_column_gains(model), saved_batchnorm_stats(model):
+            model.eval()
             if x_cal is not None:
                 compensate(model, compensation, x_cal)
+            if x_bn:
+                reestimate_batchnorm(model, x_bn)
             return accuracy(model, loader, num_classes, device)
 
     set_mode(model, "ideal")
