@@ -217,6 +217,11 @@ class EvalConfig:
     # gain per output column, to the software layer's output)
     compensation: str = rf("none", choices=("none", "global", "column"))
     calibration_samples: int = rf(256, ge=1)     # training images of the calibration batch
+    # BatchNorm on the chip (model note, section 11): none (the trained running statistics); chip
+    # (re-estimated per chip and read time on bn_samples training images read through that chip,
+    # after compensation; the trained statistics are restored afterwards)
+    bn_recalibration: str = rf("none", choices=("none", "chip"))
+    bn_samples: int = rf(512, ge=2)              # training images of the BatchNorm re-estimation
 
 
 OBJECTIVES = tuple(f"{split}/acc_{what}" for split in ("test", "val")

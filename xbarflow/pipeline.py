@@ -275,23 +275,31 @@ def evaluate_on_test(typed: Config, model: torch.nn.Module, data: DataSplits,
                      device) -> Tuple[Dict[str, float], List[float]]:
     """Section-8 metrics on the test split: software, nominal crossbar, ``eval.n_chips`` chips.
 
-    ``eval.compensation`` is fitted on ``eval.calibration_samples`` images of the training split.
+    ``eval.compensation`` is fitted on ``eval.calibration_samples`` images of the training split,
+    then ``eval.bn_recalibration`` re-estimates BatchNorm on ``eval.bn_samples`` of them.
     """
     _, _, test_loader = data_loaders(typed, data)
-    calibration = calibration_loader(data.train, typed.eval.calibration_samples, seed=typed.seed,
-                                     batch_size=typed.eval.batch_size, num_workers=typed.dataset.num_workers)
-    return evaluate(model, test_loader, num_classes=data.num_classes, n_chips=typed.eval.n_chips,
-                    chip_seed=typed.eval.chip_seed, make_chip=lambda seed: make_chip(typed, seed), device=device,
-                    times=typed.eval.times, compensation=typed.eval.compensation, calibration_loader=calibration)
+    return _evaluate(typed, model, data, device, test_loader, "test/")
 
 
 def evaluate_on_val(typed: Config, model: torch.nn.Module, data: DataSplits, device) -> Dict[str, float]:
-    """The section-8 metrics on the validation split (``val/...``): what a hyperparameter search may see."""
+    """The section-8 metrics on the validation split (``val/...``): what a hyperparameter search may see,
+    with the same compensation and BatchNorm re-estimation as the test split."""
     _, val_loader, _ = data_loaders(typed, data)
-    metrics, _ = evaluate(model, val_loader, num_classes=data.num_classes, n_chips=typed.eval.n_chips,
-                          chip_seed=typed.eval.chip_seed, make_chip=lambda seed: make_chip(typed, seed), device=device,
-                          prefix="val/")
-    return metrics
+    return _evaluate(typed, model, data, device, val_loader, "val/")[0]
+
+
+def _evaluate(typed: Config, model: torch.nn.Module, data: DataSplits, device, loader: DataLoader,
+              prefix: str) -> Tuple[Dict[str, float], List[float]]:
+    def training_images(n: int) -> DataLoader:
+        return calibration_loader(data.train, n, seed=typed.seed, batch_size=typed.eval.batch_size,
+                                  num_workers=typed.dataset.num_workers)
+
+    return evaluate(model, loader, num_classes=data.num_classes, n_chips=typed.eval.n_chips,
+                    chip_seed=typed.eval.chip_seed, make_chip=lambda seed: make_chip(typed, seed), device=device,
+                    prefix=prefix, times=typed.eval.times, compensation=typed.eval.compensation,
+                    calibration_loader=training_images(typed.eval.calibration_samples),
+                    bn_recalibration=typed.eval.bn_recalibration, bn_loader=training_images(typed.eval.bn_samples))
 
 
 def log_results(run: "tracking.TrackedRun", typed: Config, model: torch.nn.Module,
