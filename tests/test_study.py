@@ -1,0 +1,80 @@
+"""scripts/study.py: the ResNet study's plan expands into resumable cells that start from the right weights."""
+import importlib.util
+import json
+import sys
+
+import pytest
+import yaml
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("study", REPO / "scripts" / "study.py")
+study = importlib.util.module_from_spec(spec)
+sys.modules["study"] = study  # dataclasses look their module up
+spec.loader.exec_module(study)
+PLAN = yaml.safe_load((REPO / "results" / "resnet_fashion" / "plan.yaml").read_text())
+
+
+def test_plan_expands_to_every_cell_of_the_issue():
+    cells = {c.name: c for c in study.cells(PLAN)}
+    # the software network, then 2 arrays x 2 non-ideality sets x 3 strategies x 2 BatchNorm options
+    assert len(cells) == 1 + 2 * 2 * 3 * 2
+    assert cells["software"].overrides == ["training=standard"] and cells["software"].needs is None
+    ta = cells["tech_aware-256-full_wire-bn_chip"]
+    assert ta.how == "train" and ta.needs == "software"
+    assert {"training=tech_aware", "xbar.size=256", "nonideality=full", "xbar.r_wire=2.5",
+            "eval.bn_recalibration=chip"} <= set(ta.overrides)
+    # the other BatchNorm option reads the fine-tuned weights, the standard cells the software network's
+    assert cells["tech_aware-256-full_wire-bn_none"].needs == "tech_aware-256-full_wire-bn_chip"
+    assert cells["tech_aware-256-full_wire-bn_none"].how == "evaluate"
+    assert cells["standard-64-paper-bn_chip"].needs == "software"
+    assert cells["standard-64-paper-bn_chip"].how == "evaluate"
+
+
+def test_done_cells_skipped_stopped_ones_resumed_and_sources_resolved(tmp_path, monkeypatch):
+    plan = {**PLAN, "tiles": {"64": ["xbar.size=64"]}, "nonidealities": {"paper": ["nonideality=paper"]},
+            "strategies": {"standard": None, "tech_aware": ["training=tech_aware"]}}
+    (tmp_path / "software").mkdir()
+    (tmp_path / "software" / "DONE").write_text("1 s\n")
+    (tmp_path / "software" / "mlflow_run.json").write_text(json.dumps({"run_id": "a" * 32}))
+    stopped = tmp_path / "tech_aware-64-paper-bn_chip"
+    stopped.mkdir()
+    (stopped / "mlflow_run.json").write_text(json.dumps({"run_id": "b" * 32}))
+    calls = []
+
+    def fake_call(args, **kw):
+        calls.append(args)
+        folder = tmp_path / next(a for a in args if a.startswith("run_name=")).split("=", 1)[1]
+        (folder / "mlflow_run.json").write_text(json.dumps({"run_id": "c" * 32}))
+        return 0
+
+    monkeypatch.setattr(study.subprocess, "call", fake_call)
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    assert study.main([str(plan_file), "--dir", str(tmp_path)]) == 0
+    names = [next(a for a in c if a.startswith("run_name=")).split("=")[1] for c in calls]
+    assert names == ["standard-64-paper-bn_chip", "standard-64-paper-bn_none",
+                     "tech_aware-64-paper-bn_chip", "tech_aware-64-paper-bn_none"]  # software is done
+    assert f"source={'a' * 32}" in calls[0] and "mode=evaluate" in calls[0]
+    assert f"training.init_from={tmp_path / 'software' / 'weights.pt'}" in calls[2] and "resume=true" in calls[2]
+    assert f"source={'c' * 32}" in calls[3]
+    assert all((tmp_path / n / "DONE").exists() for n in names)
+    calls.clear()
+    assert study.main([str(plan_file), "--dir", str(tmp_path)]) == 0 and calls == []  # all done: nothing reruns
+
+
+def test_a_failed_cell_leaves_its_dependants_undone(tmp_path, monkeypatch):
+    plan = {**PLAN, "tiles": {"64": ["xbar.size=64"]}, "nonidealities": {"paper": ["nonideality=paper"]},
+            "strategies": {"tech_aware": ["training=tech_aware"]}}
+    monkeypatch.setattr(study.subprocess, "call", lambda args, **kw: 1)
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan))
+    assert study.main([str(plan_file), "--dir", str(tmp_path)]) == 1
+    assert not any(tmp_path.glob("*/DONE"))
+
+
+@pytest.mark.parametrize("pattern,expected", [("software", 1), ("*-64-paper-*", 6), ("tech_aware-*", 8)])
+def test_only_selects_cells_by_name(tmp_path, capsys, pattern, expected):
+    assert study.main([str(REPO / "results" / "resnet_fashion" / "plan.yaml"), "--dir", str(tmp_path),
+                       "--only", pattern, "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == expected and all(line.split()[1] == "to" for line in lines)  # "to do"
