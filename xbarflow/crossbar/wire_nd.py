@@ -100,7 +100,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["transfer_matrix_wire_nd", "merge_schedule"]
+__all__ = ["transfer_matrix_wire_nd", "source_admittance_wire_nd", "merge_schedule"]
 
 
 @dataclass(frozen=True)
@@ -557,3 +557,62 @@ def transfer_matrix_wire_nd(G: torch.Tensor, *, r_source: float, r_sink: float, 
     batch = G.shape[:-2]
     T = _WireND.apply(G.reshape(-1, rows, cols), float(r_source), float(r_sink), float(r_wire))
     return T.reshape(*batch, rows, cols)
+
+
+def source_admittance_wire_nd(G: torch.Tensor, *, r_source: float, r_sink: float, r_wire: float) -> torch.Tensor:
+    """The rows' driving-point admittance Y of tiles with resistive wires (``J = Y V``), no gradient.
+
+    ``J_i`` is the current that source i pushes through ``r_source`` when the sources hold ``V``
+    and the neurons hold their inputs at 0 V (``shared/docs/crossbar-model.md`` section 10).
+    It comes from the same elimination as :func:`transfer_matrix_wire_nd`: after the last level
+    only the tile's terminals remain, and the off-diagonal conductances ``W`` between them are
+    the network's exact port description with the sinks as ports. The sinks sit at 0 V, so the
+    current out of source i is ``J_i = sum_k W[i, k] V_i - sum_{l in sources} W[i, l] V_l``
+    (the node's Laplacian row, its diagonal the sum of all of its conductances to the other
+    terminals: sinks, other sources, and the open ends, which carry 0). Hence
+
+        Y = diag(W[L, :] 1) - W[L, L]        (W[L, L] with a zero diagonal)
+
+    symmetric, with non-negative row sums ``Y 1 = W[L, B] 1 = T 1`` (reciprocity). Every entry
+    is a sum of positive terms or the negative of one, so float32 keeps the digits (as for T).
+    Only the last level differs from the transfer matrix's forward: it forms the source rows of
+    the parent's port matrix against all of its ports instead of the ``L x B`` block.
+
+    Args:
+        G: conductances in siemens, ``(..., rows, cols)``.
+        r_source, r_sink: ohm, ``>= 0`` (0 pins the terminal, as in the transfer matrix).
+        r_wire: ohm, ``> 0``.
+
+    Returns:
+        Y in siemens, ``(..., rows, rows)``, dtype of G.
+    """
+    if not math.isfinite(float(r_wire)) or float(r_wire) <= 0.0:
+        raise ValueError(f"r_wire must be a finite resistance > 0 ohm for a wire solver (got {float(r_wire)})")
+    rows, cols = G.shape[-2], G.shape[-1]
+    batch = G.shape[:-2]
+    G3 = G.detach().reshape(-1, rows, cols)
+    B = G3.shape[0]
+    plan = _Plan(rows, cols, float(r_source), float(r_sink), float(r_wire), G3.dtype, G3.device)
+    with torch.no_grad():
+        Gp = G3.new_zeros(plan.rp, plan.cp, B)
+        Gp[plan.rp - rows:, :cols] = G3.permute(1, 2, 0)
+        W, _ = _leaf(plan.to_cells(Gp), plan.gg, plan.g, plan.pinned)
+        W = W.view(4, 4, -1)
+        nlev = len(plan.levels)
+        P = 2 * (plan.rp + plan.cp)
+        for k, m in enumerate(plan.levels):
+            if k < plan.n_last:
+                W, _ = _merge_last(W, m)
+                if k == plan.n_last - 1 and k < nlev - 1:
+                    W = W.permute(2, 0, 1).contiguous()
+            else:
+                W, _ = _merge_first(W, m, only=(plan.src, slice(0, P)) if k == nlev - 1 else None)
+        # the source rows against every port, blocks first: (B, rp, P)
+        WL = W[plan.src].permute(2, 0, 1) if plan.n_last == nlev else W
+        # a port's entry with itself is no conductance (the last level's partial product
+        # leaves Y^T Y there): zero it before the row sums
+        WL[:, :, plan.src].diagonal(dim1=-2, dim2=-1).zero_()
+        Y = -WL[:, :, plan.src]
+        Y.diagonal(dim1=-2, dim2=-1).copy_(WL.sum(-1))
+        Y = Y[:, plan.rp - rows:, plan.rp - rows:]
+    return Y.reshape(*batch, rows, rows)

@@ -1,0 +1,208 @@
+"""Energy of a read (model note, section 10): the rows' driving-point admittance Y against ngspice's
+operating-point power and closed forms; converter, digital and latency counts against hand counts."""
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from xbarflow.crossbar import CrossbarSpec
+from xbarflow.crossbar.effective import device_conductances
+from xbarflow.crossbar.energy import array_energy, layer_admittance, read_power, second_moments, source_admittance
+
+pytestmark = pytest.mark.numerics
+
+needs_ngspice = pytest.mark.skipif(shutil.which("ngspice") is None, reason="ngspice not installed")
+
+
+def _G(rng, rows, cols, lo=1 / 200e3, hi=1 / 20e3):
+    return rng.uniform(lo, hi, size=(rows, cols))
+
+
+def _tile_netlist(G, V, r_source, r_sink, r_wire, tag):
+    """Netlist lines of one tile driven by DC sources ``VS<tag>_<i>`` (the model note's circuit,
+    section 4; every cell its own row and column node when ``r_wire > 0``)."""
+    rows, cols = G.shape
+    lines = []
+
+    def u(i, j):
+        return f"u{tag}_{i}_{j if r_wire > 0 else 0}"
+
+    def w(i, j):
+        return f"w{tag}_{i if r_wire > 0 else rows - 1}_{j}"
+
+    for i in range(rows):
+        if r_source > 0:
+            lines.append(f"VS{tag}_{i} s{tag}_{i} 0 DC {V[i]:.17g}")
+            lines.append(f"RS{tag}_{i} s{tag}_{i} {u(i, 0)} {r_source:.17g}")
+        else:
+            lines.append(f"VS{tag}_{i} {u(i, 0)} 0 DC {V[i]:.17g}")
+        for j in range(cols):
+            lines.append(f"RG{tag}_{i}_{j} {u(i, j)} {w(i, j)} {1.0 / G[i, j]:.17g}")
+            if r_wire > 0 and j + 1 < cols:
+                lines.append(f"RU{tag}_{i}_{j} {u(i, j)} {u(i, j + 1)} {r_wire:.17g}")
+            if r_wire > 0 and i + 1 < rows:
+                lines.append(f"RW{tag}_{i}_{j} {w(i, j)} {w(i + 1, j)} {r_wire:.17g}")
+    for j in range(cols):
+        # the neuron's virtual ground: a 0 V source (r_sink = 0: the column's end is grounded)
+        if r_sink > 0:
+            lines.append(f"RK{tag}_{j} {w(rows - 1, j)} k{tag}_{j} {r_sink:.17g}")
+            lines.append(f"VM{tag}_{j} k{tag}_{j} 0 DC 0")
+        else:
+            lines.append(f"VM{tag}_{j} {w(rows - 1, j)} 0 DC 0")
+    return lines
+
+
+def _ngspice_power(tiles, tmpdir):
+    """Operating-point power (W) that the sources deliver: ``sum over sources of V * I``.
+
+    ``tiles``: ``[(G, V, r_source, r_sink, r_wire), ...]``, all in one netlist (independent
+    circuits sharing ground). SPICE reports a source's current flowing into its + terminal, so
+    a source delivering power ``V I`` reads ``-I``.
+    """
+    lines = ["* crossbar tiles, one read"]
+    sources = []
+    for t, (G, V, rs, rk, rw) in enumerate(tiles):
+        lines += _tile_netlist(G, V, rs, rk, rw, t)
+        sources += [(f"vs{t}_{i}", float(V[i])) for i in range(G.shape[0])]
+    lines += [".options reltol=1e-12 abstol=1e-18 vntol=1e-15 noacct", ".control", "set numdgt=15", "op"]
+    lines += [f"print i({name})" for name, _ in sources]
+    lines += [".endc", ".end"]
+    path = os.path.join(tmpdir, "tiles.cir")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    out = subprocess.run(["ngspice", "-b", path], capture_output=True, text=True, timeout=60).stdout
+    power = 0.0
+    for name, v in sources:
+        m = re.search(rf"i\({name}\)\s*=\s*([-+0-9.eE]+)", out)
+        assert m, out[-2000:]
+        power += -v * float(m.group(1))
+    return power
+
+
+# (r_source, r_sink, r_wire) in ohm: realistic, an ideal end or both, with and without wire
+CIRCUITS = [(1e3, 1e3, 0.0), (0.0, 1e3, 0.0), (1e3, 0.0, 0.0), (0.0, 0.0, 0.0),
+            (1e3, 1e3, 2.5), (0.0, 500.0, 50.0), (800.0, 0.0, 20.0), (0.0, 0.0, 10.0)]
+SHAPES = [(1, 1), (4, 3), (6, 6), (3, 8)]
+
+
+@needs_ngspice
+@pytest.mark.parametrize("rows,cols", SHAPES)
+@pytest.mark.parametrize("r_source,r_sink,r_wire", CIRCUITS)
+def test_read_power_matches_ngspice(tmp_path, rows, cols, r_source, r_sink, r_wire):
+    rng = np.random.default_rng(rows * 100 + cols)
+    G = _G(rng, rows, cols)
+    V = rng.uniform(-0.2, 0.2, size=rows)
+    V[rows // 2] = 0.0                           # a row at 0 V (no DAC code, or zero padding)
+    P = float(read_power(torch.tensor(G), torch.tensor(V)[None], r_source=r_source, r_sink=r_sink,
+                         r_wire=r_wire)[0])
+    ref = _ngspice_power([(G, V, r_source, r_sink, r_wire)], str(tmp_path))
+    if rows == 1:
+        assert P == ref == 0.0
+    else:
+        assert abs(P - ref) <= 1e-6 * abs(ref), (P, ref)
+
+
+@needs_ngspice
+@pytest.mark.parametrize("mapping", ["separate", "interleaved"])
+@pytest.mark.parametrize("r_wire", [0.0, 2.5])
+def test_layer_read_energy_matches_ngspice_over_its_tiles(tmp_path, mapping, r_wire):
+    # a 7 x 5 layer on 4 x 4 tiles: a 2 x 2 grid (x2 arrays, separate) or 2 x 3 (interleaved),
+    # padded rows at 0 V and padded g_min columns loading the rows; one netlist holds all tiles
+    torch.manual_seed(0)
+    W = torch.randn(7, 5, dtype=torch.float64)
+    spec = CrossbarSpec(rows=4, cols=4, r_source=700.0, r_sink=1200.0, r_wire=r_wire, mapping=mapping)
+    x = torch.rand(3, 7, dtype=torch.float64) - 0.3
+    V = spec.v_read * x / x.abs().amax(1, keepdim=True)
+    Y = layer_admittance(W, spec)
+    t_read = 1e-7
+    E = array_energy(Y, second_moments(V, spec.rows), t_read)
+    G, _ = device_conductances(W, spec)
+    arrays = G.reshape(-1, *G.shape[-4:])                                # (arrays, n_r, n_c, rows, cols)
+    Vp = torch.nn.functional.pad(V, (0, 8 - 7)).reshape(3, 2, 4)        # (reads, n_r, rows)
+    ref = 0.0
+    for n in range(3):
+        tiles = [(arrays[a, r, c].numpy(), Vp[n, r].numpy(), spec.r_source, spec.r_sink, r_wire)
+                 for a in range(arrays.shape[0]) for r in range(arrays.shape[1]) for c in range(arrays.shape[2])]
+        ref += t_read * _ngspice_power(tiles, str(tmp_path))
+    assert abs(E - ref) <= 1e-6 * ref, (E, ref)
+
+
+@pytest.mark.parametrize("r_wire", [0.0, 3.0])
+def test_all_rows_at_zero_volts_cost_nothing(r_wire):
+    G = torch.tensor(_G(np.random.default_rng(1), 5, 4))
+    P = read_power(G, torch.zeros(2, 5, dtype=torch.float64), r_source=1e3, r_sink=1e3, r_wire=r_wire)
+    assert P.abs().max() == 0.0
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+def test_ideal_array_is_sum_of_v_squared_g(rows, cols):
+    rng = np.random.default_rng(2)
+    G = _G(rng, rows, cols)
+    V = rng.uniform(-0.2, 0.2, size=(3, rows))
+    P = read_power(torch.tensor(G), torch.tensor(V), r_source=0.0, r_sink=0.0).numpy()
+    ref = ((V ** 2) @ G).sum(-1)                                       # sum_ij V_i^2 G_ij
+    np.testing.assert_allclose(P, ref, rtol=1e-14)
+    Y = source_admittance(torch.tensor(G), r_source=0.0, r_sink=0.0).numpy()
+    np.testing.assert_allclose(Y, np.diag(G.sum(1)), rtol=1e-15, atol=0)  # Y = diag(sum_j G_ij)
+
+
+def test_closed_forms_of_one_ideal_end():
+    rng = np.random.default_rng(3)
+    G = _G(rng, 6, 4)
+    r = G.sum(1)
+    # r_sink = 0: each row a source resistance in series with its devices to ground
+    Y = source_admittance(torch.tensor(G), r_source=500.0, r_sink=0.0).numpy()
+    np.testing.assert_allclose(Y, np.diag(r / (1 + 500.0 * r)), rtol=1e-14)
+    # r_source = 0: the brief's form D_r - G (D_c + g_k)^-1 G^T
+    Y = source_admittance(torch.tensor(G), r_source=0.0, r_sink=800.0).numpy()
+    ref = np.diag(r) - G @ np.diag(1.0 / (G.sum(0) + 1 / 800.0)) @ G.T
+    np.testing.assert_allclose(Y, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+    # both: g_s I - g_s^2 A^-1, A = g_s + D_r - G (D_c + g_k)^-1 G^T
+    gs, gk = 1 / 700.0, 1 / 1300.0
+    A = gs * np.eye(6) + np.diag(r) - G @ np.diag(1.0 / (G.sum(0) + gk)) @ G.T
+    ref = gs * np.eye(6) - gs ** 2 * np.linalg.inv(A)
+    Y = source_admittance(torch.tensor(G), r_source=700.0, r_sink=1300.0).numpy()
+    np.testing.assert_allclose(Y, ref, rtol=1e-9, atol=1e-9 * np.abs(ref).max())
+
+
+def test_admittance_symmetric_psd_and_reciprocal_row_sums():
+    # Y 1 = T 1 (the sum of a row's transfer equals its current with every row at 1 V), Y = Y^T >= 0
+    from xbarflow.crossbar import transfer_matrix
+
+    G = torch.tensor(_G(np.random.default_rng(4), 9, 5))
+    for rw in (0.0, 2.5):
+        Y = source_admittance(G, r_source=1e3, r_sink=1e3, r_wire=rw)
+        T = transfer_matrix(G, r_source=1e3, r_sink=1e3, r_wire=rw)
+        torch.testing.assert_close(Y, Y.mT, rtol=0, atol=1e-18)
+        assert float(torch.linalg.eigvalsh(Y).min()) >= -1e-15
+        torch.testing.assert_close(Y.sum(-1), T.sum(-1), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("r_wire", [0.0, 2.5])
+def test_float32_close_to_float64(r_wire):
+    G = torch.tensor(_G(np.random.default_rng(5), 32, 24))
+    Y64 = source_admittance(G, r_source=1e3, r_sink=1e3, r_wire=r_wire)
+    Y32 = source_admittance(G.float(), r_source=1e3, r_sink=1e3, r_wire=r_wire)
+    assert float((Y32.double() - Y64).abs().max() / Y64.abs().max()) < 1e-5
+
+
+def test_batched_tiles_match_each_tile():
+    G = torch.tensor(_G(np.random.default_rng(6), 2 * 3 * 5, 4)).reshape(2, 3, 5, 4)
+    for rw in (0.0, 2.5):
+        Y = source_admittance(G, r_source=1e3, r_sink=900.0, r_wire=rw)
+        for i in range(2):
+            for j in range(3):
+                torch.testing.assert_close(Y[i, j], source_admittance(G[i, j], r_source=1e3, r_sink=900.0, r_wire=rw))
+
+
+def test_second_moments_pad_the_last_tile_row():
+    V = torch.arange(2 * 5, dtype=torch.float64).reshape(2, 5)
+    M = second_moments(V, 3)
+    assert M.shape == (2, 3, 3)
+    torch.testing.assert_close(M[0], V[:, :3].T @ V[:, :3])
+    torch.testing.assert_close(M[1, :2, :2], V[:, 3:].T @ V[:, 3:])
+    assert float(M[1, 2].abs().sum() + M[1, :, 2].abs().sum()) == 0.0
