@@ -12,6 +12,8 @@ import torch
 from xbarflow.crossbar import CrossbarSpec
 from xbarflow.crossbar.effective import device_conductances
 from xbarflow.crossbar.energy import array_energy, layer_admittance, read_power, second_moments, source_admittance
+from xbarflow.nn import convert
+from xbarflow.nn.energy import EnergyParams, layer_counts, measure_energy
 
 pytestmark = pytest.mark.numerics
 
@@ -206,3 +208,152 @@ def test_second_moments_pad_the_last_tile_row():
     torch.testing.assert_close(M[0], V[:, :3].T @ V[:, :3])
     torch.testing.assert_close(M[1, :2, :2], V[:, 3:].T @ V[:, 3:])
     assert float(M[1, 2].abs().sum() + M[1, :, 2].abs().sum()) == 0.0
+
+
+# --------------------------------------------------------------------------- the budget of a network
+
+PARAMS = EnergyParams(t_read=1e-7, adc_fom_j=2e-14, adc_bits=8, dac_energy_j=3e-13, digital_add_j=1e-13,
+                      digital_mult_j=4e-13, t_conv=1e-9, columns_per_adc=4)
+
+
+def _net(spec, conv=False, bias=True):
+    torch.manual_seed(0)
+    if conv:
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 3, padding=1, bias=bias))
+    else:
+        net = torch.nn.Sequential(torch.nn.Linear(100, 30, bias=bias))
+    return convert(net.double(), spec)
+
+
+def test_linear_counts_match_a_hand_count():
+    # 100 x 30 on 64 x 64 tiles: a 2 x 1 grid. Per read: DAC 100 driven rows (64 + 36) in the one tile
+    # column; ADC 2 tile rows x 30 outputs; digital 30 partial-sum additions + 30 bias additions
+    spec = CrossbarSpec(rows=64, cols=64, r_source=1e3, r_sink=1e3)
+    c = layer_counts(100, 30, spec, PARAMS, bias=True, column_gain=False)
+    assert (c.grid, c.dac, c.adc, c.adds, c.mults, c.macs) == ((2, 1), 100, 60, 60, 0, 3000)
+    assert c.t_tile == pytest.approx(1e-7 + 4 * 1e-9)
+    # interleaved: 60 columns still fit one tile column; sequential reads both tiles in turn
+    c = layer_counts(100, 30, spec.replace(mapping="interleaved"), PARAMS, bias=False, column_gain=True)
+    assert (c.grid, c.dac, c.adc, c.adds, c.mults, c.tile_reads) == ((2, 1), 100, 60, 30, 30, 1)
+    seq = EnergyParams(**{**PARAMS.__dict__, "tiles": "sequential"})
+    assert layer_counts(100, 30, spec.replace(cols=16), seq, bias=True, column_gain=False).tile_reads == 2 * 2
+
+    x = torch.rand(5, 100, dtype=torch.float64)
+    rep = measure_energy(_net(spec), [x[:2], x[2:]], PARAMS)
+    (layer,) = rep.layers
+    assert rep.images == 5 and layer.reads == 1
+    assert (layer.dac_conversions, layer.adc_conversions, layer.digital_adds, layer.digital_mults) == (100, 60, 60, 0)
+    assert layer.dac_j == pytest.approx(100 * 3e-13)
+    assert layer.adc_j == pytest.approx(60 * 2e-14 * 256)
+    assert layer.digital_j == pytest.approx(60 * 1e-13)
+    assert layer.latency_s == pytest.approx(1e-7 + 4e-9)
+    assert rep.ops == 2 * 3000
+    assert rep.tops_per_w == pytest.approx(6000 / rep.total_j / 1e12)
+
+
+def test_conv_counts_match_a_hand_count():
+    # Conv2d(3 -> 10, 3x3, padding 1) on 8x8 images: 64 output positions, fan-in 27 on 16 x 8 tiles:
+    # a 2 x 2 grid. Per read: DAC 27 x 2 tile columns = 54, ADC 2 x 10 = 20, additions 10 + 10 (bias)
+    spec = CrossbarSpec(rows=16, cols=8, r_source=1e3, r_sink=1e3)
+    net = _net(spec, conv=True)
+    net[0].log_column_gain.data.fill_(0.1)          # gains other than 1: one multiplication per output
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    (layer,) = measure_energy(net, [x], PARAMS).layers
+    assert layer.grid == (2, 2) and layer.reads == 64
+    assert (layer.dac_conversions, layer.adc_conversions) == (54 * 64, 20 * 64)
+    assert (layer.digital_adds, layer.digital_mults, layer.macs) == (20 * 64, 10 * 64, 27 * 10 * 64)
+    par = layer.latency_s
+    assert par == pytest.approx(64 * (1e-7 + 4e-9))
+    seq = EnergyParams(**{**PARAMS.__dict__, "tiles": "sequential"})
+    assert measure_energy(net, [x], seq).layers[0].latency_s == pytest.approx(4 * par)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("r_wire", [0.0, 2.5])
+def test_array_part_is_the_sum_of_the_reads_power(conv, r_wire):
+    # independent route: every read's voltages (unfold for the convolution), each tile's Y, V^T Y V
+    spec = CrossbarSpec(rows=16, cols=8, r_source=1e3, r_sink=800.0, r_wire=r_wire)
+    net = _net(spec, conv=conv)
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64) if conv else torch.rand(3, 100, dtype=torch.float64)
+    (layer,) = measure_energy(net, [x], PARAMS).layers
+    m = net[0]
+    if conv:
+        cols = torch.nn.functional.unfold(x, 3, padding=1)                       # (N, fan_in, L)
+        x_max = x.abs().amax((1, 2, 3))[:, None, None]
+        V = (spec.v_read * cols / x_max).transpose(1, 2).reshape(-1, 27)
+    else:
+        V = spec.v_read * x / x.abs().amax(1, keepdim=True)
+    G, _ = device_conductances(m._weight_matrix().detach(), spec)
+    n_r = G.shape[-4]
+    Vp = torch.nn.functional.pad(V, (0, n_r * 16 - V.shape[1])).reshape(V.shape[0], n_r, 16)
+    E = 0.0
+    for a in range(2):
+        for r in range(n_r):
+            for c in range(G.shape[-3]):
+                E += float(read_power(G[a, r, c], Vp[:, r], r_source=1e3, r_sink=800.0, r_wire=r_wire).sum())
+    assert layer.array_j == pytest.approx(PARAMS.t_read * E / 3, rel=1e-10)
+
+
+def test_every_part_is_zero_when_its_effect_is_off():
+    spec = CrossbarSpec(rows=128, cols=64, r_source=1e3, r_sink=1e3)    # one tile row: no partial sums
+    net = _net(spec, bias=False)                                        # no bias, gains at 1
+    x = torch.rand(4, 100, dtype=torch.float64)
+    rep = measure_energy(net, [x], PARAMS)
+    assert rep.part_j("digital") == 0.0 and rep.layers[0].digital_adds == rep.layers[0].digital_mults == 0
+    assert min(rep.part_j(p) for p in ("array", "dac", "adc")) > 0
+    zero = {"t_read": 0.0, "adc_fom_j": 0.0, "dac_energy_j": 0.0, "digital_add_j": 0.0, "digital_mult_j": 0.0}
+    for key, part in (("t_read", "array"), ("adc_fom_j", "adc"), ("dac_energy_j", "dac")):
+        params = EnergyParams(**{**PARAMS.__dict__, key: 0.0})
+        r = measure_energy(_net(spec), [x], params)
+        assert r.part_j(part) == 0.0 and r.total_j > 0
+    r = measure_energy(_net(spec.replace(rows=16)), [x],
+                       EnergyParams(**{**PARAMS.__dict__, "digital_add_j": 0.0, "digital_mult_j": 0.0}))
+    assert r.part_j("digital") == 0.0 and r.layers[0].digital_adds > 0
+    r = measure_energy(_net(spec), [torch.zeros(2, 100, dtype=torch.float64)], PARAMS)   # all rows at 0 V
+    assert r.part_j("array") == 0.0
+    r = measure_energy(_net(spec), [x], EnergyParams(**{**PARAMS.__dict__, **zero, "t_conv": 0.0}))
+    assert r.total_j == 0.0 and r.latency_s == 0.0 and r.tops_per_w == 0.0
+
+
+def test_ideal_circuit_array_energy_is_sum_of_v_squared_g_over_both_arrays():
+    spec = CrossbarSpec(rows=64, cols=64)                               # r_source = r_sink = r_wire = 0
+    net = _net(spec, bias=False)
+    x = torch.rand(3, 100, dtype=torch.float64)
+    (layer,) = measure_energy(net, [x], PARAMS).layers
+    G, _ = device_conductances(net[0]._weight_matrix().detach(), spec)          # (2, 2, 1, 64, 64)
+    Gfull = G.transpose(-3, -2).reshape(2, 128, 64)[:, :100].sum(0)     # G+ + G- per (input, column)
+    V = spec.v_read * x / x.abs().amax(1, keepdim=True)
+    assert layer.array_j == pytest.approx(PARAMS.t_read * float(((V ** 2) @ Gfull).sum()) / 3, rel=1e-12)
+
+
+def test_measure_energy_restores_the_mode_and_caches_y():
+    from xbarflow.nn import energy as nn_energy
+    from xbarflow.nn import set_mode
+
+    spec = CrossbarSpec(rows=64, cols=64, r_source=1e3, r_sink=1e3)
+    net = _net(spec)
+    set_mode(net, "ideal")
+    x = torch.rand(2, 100, dtype=torch.float64)
+    a = measure_energy(net, [x], PARAMS)
+    assert net[0].mode == "ideal"
+    Y = nn_energy._ADMITTANCE[net[0]][1]
+    b = measure_energy(net, [x], PARAMS)
+    assert nn_energy._ADMITTANCE[net[0]][1] is Y and a.total_j == b.total_j
+    with torch.no_grad():
+        net[0].weight.mul_(0.5)                                         # a weight update: Y recomputed
+    measure_energy(net, [x], PARAMS)
+    assert nn_energy._ADMITTANCE[net[0]][1] is not Y
+
+
+def test_report_tables():
+    spec = CrossbarSpec(rows=64, cols=64, r_source=1e3, r_sink=1e3)
+    rep = measure_energy(_net(spec, conv=True), [torch.rand(2, 3, 8, 8, dtype=torch.float64)], PARAMS)
+    text = rep.to_markdown()
+    assert "| 0 | Conv2d | 27x10 | 1x1 | 64 |" in text and "TOPS/W" in text
+    import json
+
+    d = json.loads(rep.to_json())
+    assert d["totals"]["energy/total_pj_per_image"] == pytest.approx(rep.total_j * 1e12)
+    assert set(rep.metrics()) == {"energy/total_pj_per_image", "energy/array_pj_per_image", "energy/dac_pj_per_image",
+                                  "energy/adc_pj_per_image", "energy/digital_pj_per_image", "latency/ns_per_image",
+                                  "energy/tops_per_w"}
