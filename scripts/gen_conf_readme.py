@@ -104,13 +104,17 @@ def _leading_comment(lines: List[str], lineno: int, comments: Dict[int, str]) ->
     return " ".join(reversed(above)).strip()
 
 
+_SAFE = {"__builtins__": {}, "tuple": tuple, "list": list, "range": range}
+
+
 def _literal(node: ast.AST, constants: Dict[str, object]):
-    if isinstance(node, ast.Name):
-        if node.id == "MISSING":
-            return _REQUIRED
-        if node.id in constants:
-            return constants[node.id]
-    return ast.literal_eval(node)
+    """The value of a default or bound: a literal, a module constant or arithmetic on them."""
+    if isinstance(node, ast.Name) and node.id == "MISSING":
+        return _REQUIRED
+    try:
+        return ast.literal_eval(node)
+    except ValueError:   # e.g. MAX_OHM, 2**32 - 1: the repository's own schema, evaluated without builtins
+        return eval(compile(ast.Expression(node), "<schema>", "eval"), {**_SAFE, **constants})  # noqa: S307
 
 
 class _Required:
@@ -129,9 +133,11 @@ def _yaml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+        return "[" + ", ".join(f'"{v}"' if isinstance(v, str) else _yaml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_yaml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float) and value != 0 and not 1e-4 <= abs(value) < 1e6:
+        return f"{value:g}"          # 1e+12, 1e-07
     return str(value)
 
 
@@ -182,9 +188,7 @@ def parse_schema(source: str) -> Tuple[Dict[str, Schema], Dict[str, str], List[T
     for node in tree.body:   # module-level constants a range may name (e.g. OBJECTIVES)
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             try:
-                constants[node.targets[0].id] = eval(  # the repository's own schema
-                    compile(ast.Expression(node.value), "<schema>", "eval"),
-                    {"__builtins__": {}, "tuple": tuple, "list": list, "range": range})
+                constants[node.targets[0].id] = _literal(node.value, constants)
             except Exception:
                 pass
     classes = [n for n in tree.body if isinstance(n, ast.ClassDef)
