@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python scripts/study.py results/resnet_fashion/plan.yaml --dir studies/resnet_fashion
     python scripts/study.py results/resnet_fashion/plan.yaml --dir studies/resnet_fashion --list
     python scripts/study.py PLAN --dir DIR --only 'tech_aware-64-*'      # a subset (fnmatch on names)
+    python scripts/study.py PLAN --dir DIR --report results/resnet_fashion  # table, JSON and figure
 
 The plan (YAML, see ``results/resnet_fashion/plan.yaml``) names an experiment, the overrides of
 the run that trains the software network, and the axes: arrays (``tiles``), non-ideality sets,
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import math
 import os
 import subprocess
 import sys
@@ -102,11 +104,14 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri", default=None, help="default: sqlite:///<dir>/mlflow.db")
     p.add_argument("--only", action="append", default=[], help="fnmatch pattern(s) on cell names")
     p.add_argument("--list", action="store_true", help="list the cells and their state, run nothing")
+    p.add_argument("--report", type=Path, default=None, help="write report.md, report.json and a figure here")
     a = p.parse_args(argv)
     plan = yaml.safe_load(a.plan.read_text())
     study = a.dir.resolve()
     study.mkdir(parents=True, exist_ok=True)
     uri = a.tracking_uri or f"sqlite:///{study / 'mlflow.db'}"
+    if a.report:
+        return report(plan, study, uri, a.report)
     todo = [c for c in cells(plan) if not a.only or any(fnmatch.fnmatchcase(c.name, o) for o in a.only)]
     failed = []
     for cell in todo:
@@ -136,6 +141,117 @@ def main(argv=None) -> int:
     if failed:
         print(f"{len(failed)} cell(s) not done: {', '.join(failed)}", flush=True)
     return 1 if failed else 0
+
+
+# ------------------------------------------------------------------ the report
+ACC = ("acc_software", "acc_xbar_nominal", "acc_xbar_mean", "acc_xbar_std", "acc_xbar_min")
+TIMES = {"1 day": 86400, "1 year": 31536000}
+
+
+def standard_error(row: dict) -> float:
+    """Standard error (points) of the mean over chips: the test set's binomial error of one
+    accuracy (model note, section 9) and the chips' spread, added in quadrature."""
+    p, n = row["acc_xbar_mean"] / 100, row["n_images"]
+    chips = row["acc_xbar_std"] / math.sqrt(row["n_chips"]) if row["n_chips"] > 1 else 0.0
+    return math.hypot(100 * math.sqrt(p * (1 - p) / n), chips)
+
+
+def collect(plan: dict, study: Path, uri: str) -> List[dict]:
+    """One row per done cell, its metrics read back from the tracking store."""
+    sys.path.insert(0, str(REPO))
+    from xbarflow.tracking import client_for
+
+    client = client_for(uri)
+    rows = []
+    for cell in cells(plan):
+        folder = study / cell.name
+        run_id = run_id_of(folder)
+        if not (folder / DONE).exists() or run_id is None:
+            continue
+        run = client.get_run(run_id)
+        m, params = run.data.metrics, run.data.params
+        row = {"cell": cell.name, "run_id": run_id, "commit": run.data.tags.get("git_commit", ""),
+               "n_images": int(m.get("test/n_images", 0)), "n_chips": int(params.get("eval.n_chips", 1)),
+               "command": " ".join(command(cell, plan, study, uri)[1:])}
+        parts = cell.name.split("-")
+        if len(parts) == 4:
+            row.update(strategy=parts[0], tile=parts[1], nonideality=parts[2], bn=parts[3][3:])
+        row.update({k: m[f"test/{k}"] for k in ACC if f"test/{k}" in m})
+        for label, t in TIMES.items():
+            if f"test/acc_xbar_mean_at_{t}s" in m:
+                row[f"mean_{label}"] = m[f"test/acc_xbar_mean_at_{t}s"]
+                row[f"min_{label}"] = m[f"test/acc_xbar_min_at_{t}s"]
+        if "acc_xbar_mean" in row and row["n_images"]:
+            row["se"] = standard_error(row)
+        rows.append(row)
+    return rows
+
+
+def report(plan: dict, study: Path, uri: str, out: Path) -> int:
+    """``report.md`` (every done cell: mean over chips, worst chip, standard error, gap to the
+    software network), ``report.json`` and ``accuracy_by_cell.png`` in ``out``."""
+    rows = collect(plan, study, uri)
+    out.mkdir(parents=True, exist_ok=True)
+    software = next((r for r in rows if r["cell"] == "software"), None)
+    sw = software["acc_software"] if software else float("nan")
+    lines = [f"Software network (cell `software`): {sw:.2f} % on {software['n_images'] if software else '?'} "
+             "test images.", "",
+             "| strategy | array | non-idealities | BN statistics | nominal | chips: mean (worst) | ± SE | gap to software "
+             "| 1 day: mean (worst) | 1 year: mean (worst) | run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "strategy" not in r:
+            continue
+        later = [f"{r[f'mean_{k}']:.2f} ({r[f'min_{k}']:.2f})" if f"mean_{k}" in r else "-" for k in TIMES]
+        lines.append(f"| {r['strategy']} | {r['tile']}x{r['tile']} | {r['nonideality']} | {r['bn']} | "
+                     f"{r['acc_xbar_nominal']:.2f} | {r['acc_xbar_mean']:.2f} ({r['acc_xbar_min']:.2f}) | "
+                     f"{r.get('se', float('nan')):.2f} | {sw - r['acc_xbar_mean']:.2f} | {later[0]} | {later[1]} | "
+                     f"`{r['run_id'][:8]}` |")
+    lines += ["", "SE: the standard error of the mean over chips, the test set's binomial error and the chips' "
+              "spread (std / sqrt(n_chips)) in quadrature. Commands, commits and run ids: report.json."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps({"software": sw, "cells": rows}, indent=1) + "\n")
+    figure(rows, sw, out / "accuracy_by_cell.png")
+    print("\n".join(lines))
+    return 0
+
+
+def figure(rows: List[dict], software: float, path: Path) -> None:
+    """Mean accuracy over chips (worst chip as a marker) per cell, grouped by array and non-idealities."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells_ = [r for r in rows if "strategy" in r]
+    if not cells_:
+        return
+    groups = list(dict.fromkeys((r["tile"], r["nonideality"]) for r in cells_))
+    series = list(dict.fromkeys((r["strategy"], r["bn"]) for r in cells_))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(2.2 * len(groups) + 3, 4))
+    for j, (strategy, bn) in enumerate(series):
+        xs, means, mins, errs = [], [], [], []
+        for i, g in enumerate(groups):
+            r = next((r for r in cells_ if (r["tile"], r["nonideality"]) == g and (r["strategy"], r["bn"]) ==
+                      (strategy, bn)), None)
+            if r is not None:
+                xs.append(i + (j - (len(series) - 1) / 2) * width)
+                means.append(r["acc_xbar_mean"])
+                mins.append(r["acc_xbar_min"])
+                errs.append(r.get("se", 0.0))
+        bars = ax.bar(xs, means, width, yerr=errs, capsize=2, label=f"{strategy}, BN {bn}",
+                      hatch="" if bn == "chip" else "//", alpha=0.85)
+        ax.scatter(xs, mins, marker="v", color=bars.patches[0].get_facecolor() if bars.patches else "k", s=14,
+                   zorder=3)
+    ax.axhline(software, color="k", ls="--", lw=1, label=f"software ({software:.2f} %)")
+    ax.set_xticks(range(len(groups)), [f"{t}x{t}\n{n}" for t, n in groups])
+    ax.set_ylabel("test accuracy (%), mean over chips (v: worst chip)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
