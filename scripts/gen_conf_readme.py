@@ -460,7 +460,8 @@ def generate(root: Path = ROOT, schema_source: Optional[str] = None) -> str:
         "(`python run.py -m xbar.size=64,256`). The types, defaults and allowed ranges come from the "
         "schema, `xbarflow/config.py`: unknown keys are refused, and a value outside its range stops "
         "the run before any work with one line that names the key. Units are those the schema's "
-        "comments state.",
+        "comments state. How the values are checked, and a device file outside the repository: "
+        "[docs/configuration.md](../docs/configuration.md).",
         "",
         "## Groups",
         "",
