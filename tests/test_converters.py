@@ -9,8 +9,19 @@ from xbarflow.crossbar import CrossbarSpec, effective_weight
 from xbarflow.crossbar.peripherals import adc_quantize
 from xbarflow.nn import calibrate_converters, convert, set_mode
 
+pytestmark = pytest.mark.numerics
+
 SPEC = CrossbarSpec(rows=16, cols=16, r_source=1e3, r_sink=1e3, adc_bits=8, adc_range_mode="calibrated",
                     adc_percentile=90.0)
+EPS32 = torch.finfo(torch.float32).eps  # 1.19e-7
+
+
+def _partial_rounding(spec) -> float:
+    """How far a tile row's partial output, as a fraction of the tile's largest current, may move
+    when a matmul of another shape forms it (another kernel blocking: whether the last bit agrees
+    depends on the CPU). It is a float32 sum of ``spec.rows`` products whose magnitudes add up to
+    about that full scale at most (1.1 of it with g_max / g_min = 10): ~rows * eps, doubled."""
+    return 2 * spec.rows * EPS32
 
 
 def _layer(spec, fan_in=40, fan_out=24, seed=0):
@@ -18,8 +29,9 @@ def _layer(spec, fan_in=40, fan_out=24, seed=0):
     return convert(torch.nn.Sequential(torch.nn.Linear(fan_in, fan_out)), spec)
 
 
-def _coverage(model, x, spec):
-    """Fraction of |tile outputs| within each converter's range, computed from the circuit directly."""
+def _coverage(model, x, spec, slack=0.0):
+    """Fraction of |tile outputs| within each converter's range (widened by ``slack``, fraction units),
+    computed from the circuit directly."""
     layer = model[0]
     W = layer.weight.detach().t()
     W_eff = effective_weight(W, spec)                            # nominal array
@@ -33,11 +45,22 @@ def _coverage(model, x, spec):
     for r in range(n_r):
         frac = (xp[:, r * spec.rows:(r + 1) * spec.rows] @ Wp[r * spec.rows:(r + 1) * spec.rows] / full).abs()
         if spec.adc_granularity == "column":
-            out.append((frac <= rng[r]).double().mean(0))
+            out.append((frac <= rng[r] + slack).double().mean(0))
         else:
             for t in range(rng.shape[1]):
-                out.append((frac[:, t * spec.cols:(t + 1) * spec.cols] <= rng[r, t]).double().mean().reshape(1))
+                out.append((frac[:, t * spec.cols:(t + 1) * spec.cols] <= rng[r, t] + slack).double().mean().reshape(1))
     return torch.cat(out)
+
+
+def _assert_covers_the_90th_percentile(model, x, spec, values):
+    """90 % of the calibration outputs lie inside each range, up to the quantile's interpolation (2 of
+    the ``values`` outputs of a group). The outputs here come from products of other shapes than
+    calibration's: one within float32 rounding of a range may fall on either side of it, so the
+    coverage calibration saw lies between the counts with the range narrowed and widened by that."""
+    slack = _partial_rounding(spec)
+    widened, narrowed = _coverage(model, x, spec, slack), _coverage(model, x, spec, -slack)
+    assert (widened >= 0.90 - 1e-9).all(), widened
+    assert (narrowed <= 0.90 + 2.0 / values + 1e-9).all(), narrowed
 
 
 @pytest.mark.parametrize("granularity", ["tile", "column"])
@@ -47,10 +70,8 @@ def test_calibrated_range_covers_the_percentile(granularity):
     x = torch.rand(400, 40)
     assert calibrate_converters(model, x)
     assert model[0].log_adc_range.shape == ((3, 2) if granularity == "tile" else (3, 24))
-    cover = _coverage(model, x, spec)
     values = 400 * (16 if granularity == "tile" else 1)
-    # the 90th percentile: 90 % of the calibration outputs inside, up to the quantile's interpolation
-    assert (cover >= 0.90 - 1e-9).all() and (cover <= 0.90 + 2.0 / values + 1e-9).all(), cover
+    _assert_covers_the_90th_percentile(model, x, spec, values)
     # the ranges are far below the fixed full scale's fraction (1.0 here): that is the point
     assert float(model[0].log_adc_range.exp().max()) < 0.2
 
@@ -74,6 +95,7 @@ def test_calibration_runs_on_the_nominal_array_whatever_the_mode():
     a = model[0].log_adc_range.clone()
     set_mode(model, "ideal")
     calibrate_converters(model, x)
+    # bitwise: both calibrations run the same products on the same nominal array and inputs
     assert torch.equal(a, model[0].log_adc_range) and model[0].mode == "ideal"
 
 
@@ -167,11 +189,29 @@ def test_auto_mode_resolves_by_training_mode():
     assert mode("training=standard", "xbar.adc_range_mode=fixed") == "fixed"
 
 
+def _assert_equal_but_for_a_few_codes(actual, expected, lsb, n_r, bits, max_fraction=0.01):
+    """``actual`` equals ``expected`` to the float32 rounding of a digital sum over ``n_r`` tile rows
+    of converted values (each at most ``2**(bits-1)`` LSB ``lsb``, per sample), except on at most
+    ``max_fraction`` of the elements, which may be up to 2 LSB off.
+
+    A partial output formed by a matmul of another shape may differ in its last bit and so cross
+    a code boundary: one code of one tile row. A code flipped in the conv of the test below moves
+    one input of its linear layer by a conv LSB, which moves the linear layer's partial outputs by
+    less than one of its own LSB: again at most one code of the tile row that reads that input."""
+    diff = (actual - expected).abs()
+    rounding = EPS32 * (n_r * n_r * 2 ** (bits - 1) * lsb + 2 * expected.abs())
+    off = diff > rounding
+    fraction, worst = float(off.double().mean()), float((diff / lsb).max())
+    assert fraction <= max_fraction, f"{int(off.sum())} of {off.numel()} outputs differ, up to {worst:.3g} LSB"
+    assert bool((diff <= 2 * lsb + rounding).all()), f"up to {worst:.3g} LSB off"
+
+
 @pytest.mark.parametrize("granularity", ["tile", "column"])
 def test_evaluation_in_chunks_equals_one_pass_and_its_gradient_path(monkeypatch, granularity):
     """Without a gradient the ADC path converts its reads in chunks (memory bounded by
-    ADC_CHUNK_PARTIALS): a conv and a linear layer give the same output as in one pass, the
-    chip's devices read once per forward (the same effective weight for every chunk)."""
+    ADC_CHUNK_PARTIALS): a conv and a linear layer give the same output as in one pass (but for
+    a code where a partial output's rounding crosses a code boundary), the chip's devices read
+    once per forward (the same effective weight for every chunk)."""
     import torch.nn as nn
 
     from xbarflow.crossbar import Chip
@@ -185,6 +225,7 @@ def test_evaluation_in_chunks_equals_one_pass_and_its_gradient_path(monkeypatch,
     x = torch.rand(37, 3, 6, 6)
     with torch.no_grad():
         whole = model(x)  # 37 images: 1332 reads of the conv, well below the default chunk
+        linear_in = model[:3](x)  # the linear layer's input in that pass (the same products again)
     reads_seen = []
     apply = eff._adc_apply
     monkeypatch.setattr(eff, "_adc_apply", lambda x2, *a: reads_seen.append(x2.shape[0]) or apply(x2, *a))
@@ -194,9 +235,16 @@ def test_evaluation_in_chunks_equals_one_pass_and_its_gradient_path(monkeypatch,
     # conv (27 inputs): 500 // (2 tile rows x 8 outputs) = 31 reads, less than an image (36):
     # one image per chunk, converted 31 + 5; linear: 500 // (18 tile rows x 20 outputs) = 1 read
     assert reads_seen == [31, 5] * 37 + [1] * 37
-    assert torch.equal(chunked, whole)
+    # chunks of other sizes take other matmul blockings: a partial output may differ in its last
+    # bit and cross an ADC code boundary, so a few outputs may be a code off
+    linear = model[3]
+    x_max = linear_in.abs().amax(-1, keepdim=True)  # the linear layer's DAC scale per image
+    lsb = 2 * spec.adc_range * spec.rows * linear.weight_range() * x_max / 2 ** spec.adc_bits
+    _assert_equal_but_for_a_few_codes(chunked, whole, lsb * linear.log_column_gain.exp(),
+                                      n_r=-(-linear.in_features // spec.rows), bits=spec.adc_bits)
     reads_seen.clear()
     y = model(x)  # with a gradient: one pass per layer, the same output
+    # bitwise: the same products on the same reads as the one pass, and the same conversion
     assert reads_seen == [37 * 36, 37] and torch.equal(y.detach(), whole)
 
 
@@ -233,8 +281,8 @@ def test_lsq_range_gradient_with_a_per_sample_scale_is_the_product_rule():
 def test_calibration_in_chunks_of_adc_groups_equals_one_pass(monkeypatch, granularity, mapping, min_columns, chunks):
     """The ranges' percentiles go through in chunks of whole ADC groups (memory bounded by
     ADC_CHUNK_PARTIALS, at least MIN_CALIBRATION_COLUMNS outputs a product): the same ranges as
-    with every partial output at once, and they still cover the percentile against the circuit
-    computed directly."""
+    with every partial output at once (to float32 rounding of the partial outputs), and they
+    still cover the percentile against the circuit computed directly."""
     from xbarflow.crossbar import effective as eff
     from xbarflow.nn import calibration
 
@@ -254,7 +302,13 @@ def test_calibration_in_chunks_of_adc_groups_equals_one_pass(monkeypatch, granul
         calibrate_converters(model, x)
         # the pre-hook's calls, then the layer's own forward (its reads in chunks, every output)
         assert seen[:len(widths)] == widths and set(seen[len(widths):]) == {40}, seen
-        assert torch.equal(model[0].log_adc_range, one_pass[0].log_adc_range), groups
+        if widths == [40]:  # one chunk: the one pass's own product, bitwise
+            assert torch.equal(model[0].log_adc_range, one_pass[0].log_adc_range), groups
+        else:
+            # narrower products take other matmul blockings: the partial outputs, and so their
+            # percentiles (sorted values, interpolated), agree to the partials' float32 rounding
+            torch.testing.assert_close(model[0].log_adc_range.exp(), one_pass[0].log_adc_range.exp(),
+                                       rtol=4 * EPS32, atol=_partial_rounding(spec),
+                                       msg=lambda m, groups=groups: f"{groups} groups a chunk: {m}")
     if mapping == "separate":
-        cover = _coverage(one_pass, x, spec)
-        assert (cover >= 0.90 - 1e-9).all() and (cover <= 0.90 + 2.0 / (400 * 8 if granularity == "tile" else 400) + 1e-9).all()
+        _assert_covers_the_90th_percentile(one_pass, x, spec, 400 * 8 if granularity == "tile" else 400)
