@@ -303,8 +303,10 @@ def output_full_scale(spec: CrossbarSpec, w_range: torch.Tensor, x_max) -> torch
 
 
 # Without a gradient (evaluation), at most this many partial outputs are formed and converted at
-# once: the reads go through in chunks, with the same result (each read is converted on its own),
-# and memory and cache footprint stay bounded instead of growing with n_r x batch x fan_out.
+# once: the reads go through in chunks, with the same result to rounding (each read is converted on
+# its own; a product of another shape may round a partial output's float32 sum differently in the
+# last bit, and so move it across a code boundary), and memory and cache footprint stay bounded
+# instead of growing with n_r x batch x fan_out.
 ADC_CHUNK_PARTIALS = 1 << 20
 
 

@@ -69,7 +69,8 @@ def _mid_rise(y: torch.Tensor, bits: int, fs: torch.Tensor, inside: bool = False
 
     One elementwise operation per step, in place where it can be, and no fused ones: a fused
     multiply-add rounds differently in vectorised and scalar code, so the result would depend
-    on the tensor's size (an evaluation in chunks must give the same bits as in one pass).
+    on the tensor's size (the conversion itself must not depend on how an evaluation is chunked;
+    the partial outputs it converts are equal across chunkings to float32 rounding only).
     """
     n = 2 ** int(bits)
     step = fs * (2.0 / n)  # exact: n is a power of two

@@ -118,9 +118,10 @@ def _adc_ranges(layer: _XbarMixin, x2: torch.Tensor, x_max) -> torch.Tensor:
 
     A group's percentile needs only its own columns, so the groups go through in chunks
     (:func:`calibration_groups_per_chunk`): the same ranges as with every partial output of the
-    batch formed at once, in a bounded memory (the percentile's sort copies its input). A last
-    tile that the layer fills only in part is taken on its own, at its used width (a layout to
-    the tile's full width would be mostly padding).
+    batch formed at once, equal to rounding (a product of another width may round a partial
+    output's float32 sum differently in the last bit, depending on the CPU), in a bounded memory
+    (the percentile's sort copies its input). A last tile that the layer fills only in part is
+    taken on its own, at its used width (a layout to the tile's full width would be mostly padding).
     """
     from ..crossbar.effective import output_full_scale, outputs_per_adc_range, tile_partials
 

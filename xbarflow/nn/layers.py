@@ -249,7 +249,9 @@ class XbarConv2d(_XbarMixin, nn.Conv2d):
             return self._digital(y.reshape(n, self.out_channels, h_out, w_out), 1)
 
         # without a gradient, images go through in chunks (their im2col view is as large as their
-        # partial outputs), with one effective weight: one read of the arrays, the same result
+        # partial outputs), with one effective weight: one read of the arrays, the same result to
+        # rounding (a product of another shape may round a partial output's float32 sum differently
+        # in the last bit, and so move it across an ADC code boundary)
         per_chunk = max(1, adc_reads_per_chunk(W_eff.shape[0], self.out_channels, spec) // (h_out * w_out))
         if torch.is_grad_enabled() or per_chunk >= N:
             return convert_images(x)
