@@ -248,6 +248,10 @@ class Config:
     # train: train, then evaluate; evaluate: evaluate the trained weights of `source` (no training)
     mode: str = rf("train", choices=("train", "evaluate"))
     source: Optional[str] = None                 # mode=evaluate: run id, runs:/<id>/<artifact> URI or weights file
+    # modules whose `_target_`s a stored config (a logged model's card, a source run's params) may name,
+    # besides xbarflow.models, xbarflow.data and torchvision.models: e.g. [my_package.models]. A stored
+    # target is someone else's choice of a callable; anything outside these is refused (xbarflow/targets.py)
+    trusted_targets: List[str] = field(default_factory=list)
     # the metric run.py returns to the sweeper (Optuna maximises it); val/* are computed only when asked
     objective: str = rf("test/acc_xbar_mean", choices=OBJECTIVES)
 

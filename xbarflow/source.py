@@ -4,6 +4,13 @@
 weights instead of training. The source is resolved and checked before any MLflow run is
 opened, so a source that does not exist or was trained for another model or dataset is
 refused with one line and leaves no run behind.
+
+Nothing a source holds runs code: weights are read as tensors only (``weights.safetensors``,
+or ``torch.load(weights_only=True)``), a logged model through its card and weights
+(:mod:`xbarflow.logged_model`), and a model artifact that is a pickle (an MLflow PyTorch model,
+as xbarflow logged before) is never unpickled: its run's ``weights.pt`` is read instead, or the
+source is refused. ``_target_`` values in the source's params or card are checked against the
+trusted modules (:mod:`xbarflow.targets`); they are compared with this run's config, never called.
 """
 from __future__ import annotations
 
@@ -12,12 +19,13 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError
+from .logged_model import PickledModel
 from .nn.calibration import calibrate_column_gains, calibrate_converters
 from .nn.convert import set_mode
 from .nn.layers import CROSSBAR_ONLY_PARAMS
@@ -67,24 +75,94 @@ def _as_state(obj, spec: str) -> Dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in obj.items()}
 
 
+PICKLE_REFUSED = ("the run has no weights.pt and its model artifact is a pickle, which xbarflow does not load "
+                  "(it could run code); log the weights with this version")
+
+
 def _load_file(path: Path, spec: str):
+    """Tensors from a weights file: safetensors, or torch's weights-only unpickler (which refuses
+    anything but tensors and plain containers, so a pickled object's code never runs)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise _fail(spec, f"not a safetensors file ({reason})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if "Weights only load failed" in str(e):
+            raise _fail(spec, "a pickle holding more than tensors (a pickled model?), which xbarflow does not load "
+                              "(it could run code); give a state_dict (weights.pt, *.safetensors) or a model folder "
+                              "logged by this version") from None
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise _fail(spec, f"not a PyTorch checkpoint or state_dict ({reason})") from None
 
 
-def resolve_source(spec: str, tracking_uri: str, start_dir: Optional[str] = None) -> Source:
-    """Find the source's weights: a file, a run id (its ``weights.pt``, else its logged model)
-    or ``runs:/<run id>/<artifact>`` (``model``: the logged model; else a weights file).
+def _check_targets(params: Dict[str, str], spec: str, where: str, trusted, exact) -> None:
+    """Refuse a source whose recorded model or dataset names an untrusted ``_target_``."""
+    from .targets import check_target
+
+    for key in sorted(params):
+        if key.startswith(("model.", "dataset.")) and key.endswith("_target_"):
+            try:
+                check_target(params[key], key, where, trusted, exact)
+            except ConfigError as e:
+                raise _fail(spec, str(e)) from None
+
+
+def _from_folder(folder: Path, spec: str, trusted, exact) -> Source:
+    """A model folder logged by this version (card and weights); a pickled MLflow model is refused."""
+    from .logged_model import ModelLoadError, card_params, read_folder
+
+    try:
+        card, state = read_folder(folder)
+    except ModelLoadError as e:
+        raise _fail(spec, str(e)) from None
+    params = card_params(card)
+    _check_targets(params, spec, "the model card", trusted, exact)
+    return Source(spec, _as_state(state, spec), None, params, params.get("training.mode"))
+
+
+def _from_logged_model(run_id: str, tracking_uri: str, spec: str) -> Dict[str, torch.Tensor]:
+    """The weights of the run's logged model, downloaded as card and weights only (never its pickle).
 
     Raises:
-        ConfigError: one line, when the source cannot be found or read.
+        PickledModel: the model artifact is an MLflow PyTorch model (a pickle).
+        ConfigError: no readable model.
+    """
+    from .logged_model import MODEL_NAME, ModelLoadError, fetch, read_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            _, state = read_folder(fetch(f"runs:/{run_id}/{MODEL_NAME}", Path(tmp), tracking_uri))
+        except PickledModel:
+            raise
+        except ModelLoadError as e:
+            raise _fail(spec, f"no loadable logged model ({e})") from None
+    return _as_state(state, spec)
+
+
+def resolve_source(spec: str, tracking_uri: str, start_dir: Optional[str] = None, trusted: Sequence[str] = (),
+                   exact: Sequence[str] = ()) -> Source:
+    """Find the source's weights: a weights file, a model folder, a run id (its ``weights.pt``,
+    else its logged model) or ``runs:/<run id>/<artifact>`` (``model``: the logged model, or the
+    run's ``weights.pt`` when that model is a pickle of older xbarflow; else a weights file).
+
+    Args:
+        trusted, exact: the modules and targets a stored ``_target_`` may name
+            (:func:`xbarflow.targets.check_target`).
+
+    Raises:
+        ConfigError: one line, when the source cannot be found or read, or is a pickle.
     """
     file = Path(spec)
     if not file.is_absolute() and start_dir:
         file = Path(start_dir) / file
+    if not spec.startswith("runs:/") and file.is_dir():
+        return _from_folder(file, spec, trusted, exact)
     if not spec.startswith("runs:/") and file.is_file():
         return Source(spec, _as_state(_load_file(file, spec), spec))
     if spec.startswith("runs:/"):
@@ -93,7 +171,8 @@ def resolve_source(spec: str, tracking_uri: str, start_dir: Optional[str] = None
     elif RUN_ID.fullmatch(spec):
         run_id, artifact = spec, ""
     else:
-        raise _fail(spec, "not a weights file, an MLflow run id (32 hex digits) or a runs:/<run id>/<artifact> URI")
+        raise _fail(spec, "not a weights file, a model folder, an MLflow run id (32 hex digits) or a "
+                          "runs:/<run id>/<artifact> URI")
     from .tracking import client_for
 
     # MLflow's download progress bar would precede a refusal's one line on stderr
@@ -105,29 +184,26 @@ def resolve_source(spec: str, tracking_uri: str, start_dir: Optional[str] = None
         raise _fail(spec, f"no run {run_id} in {tracking_uri}") from None
     if run.info.status != "FINISHED":
         raise _fail(spec, f"run {run_id} is {run.info.status}, not FINISHED")
+    _check_targets(dict(run.data.params), spec, f"params of run {run_id}", trusted, exact)
     names = {a.path for a in client.list_artifacts(run_id)}
     if not artifact:
         artifact = "weights.pt" if "weights.pt" in names else "model"
+    state = None
     if artifact == "model":
-        state = _as_state(_load_logged_model(f"runs:/{run_id}/model", tracking_uri, spec), spec)
-    else:
+        try:
+            state = _from_logged_model(run_id, tracking_uri, spec)
+        except PickledModel:  # logged by older xbarflow: its weights.pt, if it has one, is plain tensors
+            if "weights.pt" not in names:
+                raise _fail(spec, PICKLE_REFUSED) from None
+            print(f"{KEY}={spec}: the logged model is a pickle (older xbarflow), not loaded; "
+                  f"reading the run's weights.pt", flush=True)
+            artifact = "weights.pt"
+    if state is None:
         if artifact not in names:
             raise _fail(spec, f"run {run_id} has no artifact {artifact} (it has {', '.join(sorted(names)) or 'none'})")
         with tempfile.TemporaryDirectory() as tmp:
             state = _as_state(_load_file(Path(client.download_artifacts(run_id, artifact, tmp)), spec), spec)
     return Source(spec, state, run_id, dict(run.data.params), run.data.params.get("training.mode"))
-
-
-def _load_logged_model(uri: str, tracking_uri: str, spec: str):
-    import mlflow
-    import mlflow.pytorch
-
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        return mlflow.pytorch.load_model(uri, map_location="cpu")
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise _fail(spec, f"no loadable logged model ({reason})") from None
 
 
 def _flat(cfg: DictConfig) -> Dict[str, str]:
@@ -187,6 +263,14 @@ def load_source_weights(model: torch.nn.Module, source: Source) -> bool:
     return all(k in state for k in converters)
 
 
+def _trust(typed):
+    """The modules (``trusted_targets``) and the targets (the user's own model and dataset) that a
+    source's stored ``_target_`` may name."""
+    from .targets import own_targets
+
+    return list(typed.trusted_targets), own_targets(typed)
+
+
 def prepare(cfg: DictConfig, typed, model: torch.nn.Module, tracking_uri: str,
             start_dir: Optional[str] = None) -> Source:
     """Resolve, check and load ``typed.source`` into ``model`` (before any run is opened).
@@ -194,7 +278,7 @@ def prepare(cfg: DictConfig, typed, model: torch.nn.Module, tracking_uri: str,
     Raises:
         ConfigError: one line, for a missing, unreadable or mismatched source.
     """
-    source = resolve_source(typed.source, tracking_uri, start_dir)
+    source = resolve_source(typed.source, tracking_uri, start_dir, *_trust(typed))
     check_compatible(source, cfg)
     source.converters_loaded = load_source_weights(model, source)
     return source
@@ -234,7 +318,7 @@ def find_trained(typed, cfg: DictConfig, model: torch.nn.Module, tracking_uri: s
     if not runs:
         return None
     try:
-        source = resolve_source(runs[0].info.run_id, tracking_uri)
+        source = resolve_source(runs[0].info.run_id, tracking_uri, None, *_trust(typed))
         source.converters_loaded = load_source_weights(model, source)
     except ConfigError:
         return None
