@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xbarflow-installed
 
-.PHONY: install demo lint test test-slow bench ui clean
+.PHONY: install demo lint test test-slow test-numerics bench ui clean
 
 # The venv takes about 6.5 GB (torch 2.14.1 with its CUDA libraries): a short disk is named
 # up front instead of surfacing as pip's "No space left on device" half-way through.
@@ -36,6 +36,12 @@ test: lint
 # Long tests too (parallel-sweep race repetitions, ngspice on larger arrays, ...).
 test-slow: lint
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# The numerical tests (marker `numerics`) again on another CPU code path: ATen's generic kernels
+# instead of AVX2/AVX-512 and MKL held to SSE4.2, so other vector widths and matmul blockings.
+# Float comparisons must hold to rounding on any CPU, not to the bits of the one they were written on.
+test-numerics: install
+	ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 $(PY) -m pytest -q -m "numerics and not slow"
 
 bench: install
 	$(PY) scripts/bench_crossbar.py

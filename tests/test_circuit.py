@@ -6,6 +6,8 @@ from nodal import nodal_currents
 
 from xbarflow.crossbar import solve, transfer_matrix
 
+pytestmark = pytest.mark.numerics
+
 SHAPES = [(1, 1), (1, 7), (7, 1), (2, 3), (3, 2), (16, 16), (9, 40), (40, 9), (64, 64), (64, 33), (17, 64)]
 RESISTANCES = [(0.0, 0.0), (1e3, 0.0), (0.0, 1e3), (1e3, 1e3), (5e3, 200.0), (100.0, 2e4)]
 
@@ -65,7 +67,7 @@ def test_wide_tiles_lower_gram_matches_nodal_analysis(rows, cols):
 
 def test_zero_resistance_gives_ideal_product():
     G = torch.rand(5, 7, 6, dtype=torch.float64) * 1e-4
-    assert torch.equal(transfer_matrix(G, r_source=0.0, r_sink=0.0), G)
+    assert torch.equal(transfer_matrix(G, r_source=0.0, r_sink=0.0), G)  # bitwise: no resistance, T is a copy of G
 
 
 def test_parasitics_shrink_currents_and_vanish_as_r_goes_to_zero():

@@ -63,6 +63,7 @@ def test_sticky_float64_on_device(monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.numerics
 def test_chip_draws_on_device_equal_cpu_draws():
     """A chip's conductances on another device equal the CPU ones (same seed, same devices), and the
     static draws are cached there; read noise is drawn afresh per read."""
@@ -115,6 +116,7 @@ def test_check_gpu_without_cuda_exits_0_with_one_line():
     assert out["status"] == "skipped" and "no CUDA device" in out["message"]
 
 
+@pytest.mark.numerics
 def test_check_gpu_runs_every_check_on_cpu():
     """--device cpu: the float32 device results against the float64 CPU reference, TAT steps,
     the benchmarks' ratios (one quick rep) and no smoke run."""

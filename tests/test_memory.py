@@ -115,6 +115,7 @@ def test_estimate_with_adc_partial_outputs_matches_the_measured_peak(mode, batch
         assert measured > 4 * 0.1e9, measured / 1e6
 
 
+@pytest.mark.numerics
 def test_per_sample_counts_of_the_paper_cnn():
     """Closed form: outputs of every module and the ADC partial outputs of one 28x28 image."""
     import torch

@@ -18,6 +18,8 @@ from xbarflow.crossbar.spec import CrossbarSpec
 from xbarflow.models import resnet20, torchvision_model
 from xbarflow.nn import LayerSelection, convert, crossbar_array_count, format_layer_table, layer_table, set_mode
 
+pytestmark = pytest.mark.numerics
+
 IDEAL_CIRCUIT = CrossbarSpec(rows=64, cols=64, r_source=0.0, r_sink=0.0)
 
 

@@ -13,6 +13,8 @@ import torch
 from xbarflow.crossbar import transfer_matrix, wire
 from xbarflow.crossbar.wire import transfer_matrix_wire
 
+pytestmark = pytest.mark.numerics
+
 
 def sparse_nodal_transfer(G, r_source, r_sink, r_wire):
     """Reference T (S, ``rows x cols``) of one tile from a full nodal analysis (scipy.sparse, float64).

@@ -10,6 +10,8 @@ from xbarflow.crossbar import transfer_matrix
 from xbarflow.crossbar.wire import transfer_matrix_wire
 from xbarflow.crossbar.wire_nd import merge_schedule, transfer_matrix_wire_nd
 
+pytestmark = pytest.mark.numerics
+
 
 def _rel_err(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
