@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Mapping, Tuple
 
 import torch.nn as nn
 
-from .config import ConfigError
+from .errors import ConfigError  # not from .config: config imports this module (check_model_config)
 
 DATASET_ARGS = ("in_shape", "num_classes")
 

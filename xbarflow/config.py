@@ -14,17 +14,10 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A configuration value outside its allowed range."""
-
-
-class DatasetUnavailable(RuntimeError):
-    """The dataset cannot be had (offline, missing or corrupt files); the message says how to get it.
-
-    Defined here, beside :class:`ConfigError` (the other kind of bad input), so that an entry
-    point can catch both without importing torch.
-    """
+# defined in xbarflow.errors (builders and datasets raise them too, without importing this module);
+# re-exported here, where the entry points and tests have always imported them from
+from .errors import ConfigError
+from .errors import DatasetUnavailable as DatasetUnavailable
 
 
 def init_from_file(path: str, start_dir: Optional[str] = None) -> Path:

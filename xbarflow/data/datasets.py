@@ -12,28 +12,17 @@ from __future__ import annotations
 
 import gzip
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, TensorDataset
+from torch.utils.data import Sampler, TensorDataset
 
-from ..config import DatasetUnavailable
+from ..errors import DatasetUnavailable
+from .images import augmented_tensor_dataset, fit_size, normalise
+from .splits import DataSplits
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-@dataclass
-class DataSplits:
-    """Map-style datasets of ``(image (C, H, W) float tensor, label)`` and what the model needs to know."""
-
-    train: Dataset
-    val: Dataset
-    test: Dataset
-    in_shape: Tuple[int, int, int]
-    num_classes: int
 
 
 def _as_images(x: np.ndarray, shape) -> torch.Tensor:
@@ -146,8 +135,6 @@ def build_datasets(cfg) -> DataSplits:
 def tensor_splits(cfg) -> DataSplits:
     """mnist5k, digits, mnist, fashion_mnist as tensors; resized or padded to ``cfg.image_size``
     and augmented (train split) per the config. See :func:`build_datasets`."""
-    from .images import augmented_tensor_dataset, fit_size, normalise
-
     name = cfg.name
     if name not in ("mnist5k", "digits", "mnist", "fashion_mnist"):
         raise DatasetUnavailable(f"dataset.name must be one of mnist5k, digits, mnist, fashion_mnist for "

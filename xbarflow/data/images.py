@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .datasets import DatasetUnavailable, DataSplits
+from ..errors import DatasetUnavailable
+from .splits import DataSplits
 
 
 def fit_size(x: torch.Tensor, size: Optional[int], mode: str) -> torch.Tensor:
