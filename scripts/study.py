@@ -229,7 +229,7 @@ def figure(rows: List[dict], software: float, path: Path) -> None:
     groups = list(dict.fromkeys((r["tile"], r["nonideality"]) for r in cells_))
     series = list(dict.fromkeys((r["strategy"], r["bn"]) for r in cells_))
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(2.2 * len(groups) + 3, 4))
+    fig, ax = plt.subplots(figsize=(2.2 * len(groups) + 3, 5))
     for j, (strategy, bn) in enumerate(series):
         xs, means, mins, errs = [], [], [], []
         for i, g in enumerate(groups):
@@ -248,7 +248,8 @@ def figure(rows: List[dict], software: float, path: Path) -> None:
     ax.set_xticks(range(len(groups)), [f"{t}x{t}\n{n}" for t, n in groups])
     ax.set_ylabel("test accuracy (%), mean over chips (v: worst chip)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    # below the axes: the collapsed cells' bars sit at the bottom of the plot
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
