@@ -18,7 +18,24 @@ BAD = {
     "xbar.rows": ["0"],
     "xbar.cols": ["0"],
 }
-CASES = [(k, v) for k, vs in BAD.items() for v in vs]
+# issue 25: huge (or tiny) values that overflowed float32 in the physics core, or Lightning's seed range
+# (a traceback, exit 1), and meaningless ones next to them (the bounds are explained in xbarflow/config.py)
+HUGE = {
+    "hardware.c2c": ["1e9", "3.01"],                 # lognormal sigmas: <= 3.0
+    "hardware.d2d": ["1e9", "3.01"],
+    "training.noise.mult_std": ["1e9", "3.01"],
+    "xbar.r_source": ["1e300", "1.1e12"],            # resistances: <= 1e12 ohm
+    "xbar.r_sink": ["1e300"],
+    "xbar.r_wire": ["1e300"],
+    "hardware.r_on": ["1e-300", "0.5"],              # device resistances: >= 1 ohm
+    "hardware.r_off": ["1e300"],
+    "xbar.w_max": ["1e300", "1e30"],                 # <= 1e6
+    "xbar.adc_range": ["1e300", "2"],                # <= 1 (the largest current of a tile)
+    "xbar.dac_range": ["1e-300", "1e300"],           # 1e-6 .. 1e6 input units
+    "seed": ["10000000000000", "-1"],                # NumPy's seed range
+    "dataset.split_seed": ["100000000000000000000"],
+}
+CASES = [(k, v) for k, vs in (*BAD.items(), *HUGE.items()) for v in vs]
 
 
 @pytest.mark.parametrize("key,value", CASES, ids=[f"{k}={v}" for k, v in CASES])
@@ -32,6 +49,19 @@ def test_rejected_with_key_named(key, value):
 @pytest.mark.parametrize("key", ["xbar.r_source", "xbar.r_sink", "xbar.r_wire", "hardware.c2c", "hardware.d2d"])
 def test_zero_is_the_ideal_limit_and_allowed(key):
     validate(compose([f"{key}=0"]))
+
+
+def test_bounds_name_the_key_and_the_limit_which_is_allowed():
+    with pytest.raises(ConfigError, match=r"^hardware\.c2c must be <= 3\.0 \(got 1000000000\.0\)$"):
+        validate(compose(["hardware.c2c=1e9"]))
+    with pytest.raises(ConfigError, match=r"^xbar\.r_source must be <= 1e\+12 \(got 1e\+300\)$"):
+        validate(compose(["xbar.r_source=1e300"]))
+    for at_the_bounds in (["hardware.c2c=3.0", "hardware.d2d=3.0", "training.noise.mult_std=3.0"],
+                          ["hardware.r_on=1", "hardware.r_off=1e12", "xbar.r_source=1e12", "xbar.r_sink=1e12",
+                           "xbar.r_wire=1e12"],
+                          ["xbar.w_max=1e6", "xbar.adc_range=1.0", "xbar.dac_range=1e-6"],
+                          ["xbar.dac_range=1e6", "seed=4294967295", "dataset.split_seed=4294967295"]):
+        validate(compose(at_the_bounds))
 
 
 @pytest.mark.parametrize("override", ["xbar.r_sink=nan", "xbar.v_read=0", "hardware.d2d=inf", "xbar.size=0"])

@@ -57,7 +57,7 @@ class DatasetConfig:
     download: bool = True
     val_fraction: float = rf(0.1, ge=0.0, lt=1.0)
     test_fraction: float = rf(0.2, gt=0.0, lt=1.0)   # only for datasets without a test split
-    split_seed: int = 0
+    split_seed: int = rf(0, ge=0, le=2**32 - 1)   # as seed
     num_workers: int = rf(0, ge=0)               # DataLoader worker processes
     subset: Optional[int] = rf(None, ge=1)       # keep only the first N training images (quick runs)
     files: Optional[str] = None                  # mnist / fashion_mnist: a folder of IDX files (*-idx?-ubyte[.gz])
@@ -71,13 +71,22 @@ class DatasetConfig:
     test_subset: Optional[int] = rf(None, ge=1)  # keep only the first N test images (quick runs)
 
 
+# Upper bounds of the physical values (the simulation runs in float32):
+# - resistances, ohm, <= 1e12 (1 TOhm, an open circuit; memristive devices span ~1 kOhm .. 1 GOhm), and
+#   device resistances >= 1 ohm (a short): beyond, conductances and currents leave float32 (1e300 ohm overflows);
+# - sigmas of log-conductance (lognormal factors exp(sigma z)) <= 3.0: measured ones are <= ~1; at 3.0 a
+#   6-sigma device is already exp(18) ~ 7e7 times its programmed conductance, and larger sigmas overflow.
+MAX_OHM = 1e12
+MAX_LOG_SIGMA = 3.0
+
+
 @dataclass
 class HardwareConfig:
     name: str = MISSING
-    r_on: float = rf(MISSING, gt=0.0)            # ohm, lowest device resistance
-    r_off: float = rf(MISSING, gt=0.0)           # ohm, highest device resistance
-    c2c: float = rf(MISSING, ge=0.0)             # sigma of log chip-wide conductance factor
-    d2d: float = rf(MISSING, ge=0.0)             # sigma of log per-device conductance factor
+    r_on: float = rf(MISSING, ge=1.0, le=MAX_OHM)    # ohm, lowest device resistance
+    r_off: float = rf(MISSING, ge=1.0, le=MAX_OHM)   # ohm, highest device resistance
+    c2c: float = rf(MISSING, ge=0.0, le=MAX_LOG_SIGMA)   # sigma of log chip-wide conductance factor
+    d2d: float = rf(MISSING, ge=0.0, le=MAX_LOG_SIGMA)   # sigma of log per-device conductance factor
     # further device effects; defaults are "absent", so a device file may leave them out
     levels: Optional[int] = rf(None, ge=2)       # programmable conductances in [1/r_off, 1/r_on]; null = continuous
     stuck_on: float = rf(0.0, ge=0.0, le=1.0)    # probability a device is stuck at r_on
@@ -100,17 +109,23 @@ class XbarConfig:
     size: int = rf(64, ge=1)                     # side of a square tile
     rows: Optional[int] = rf(None, ge=1)         # overrides size for the word lines
     cols: Optional[int] = rf(None, ge=1)         # overrides size for the bit lines
-    r_source: float = rf(1000.0, ge=0.0)         # ohm, row driver output resistance
-    r_sink: float = rf(1000.0, ge=0.0)           # ohm, neuron input resistance
-    r_wire: float = rf(0.0, ge=0.0)              # ohm, per wire segment between cells
+    r_source: float = rf(1000.0, ge=0.0, le=MAX_OHM)   # ohm, row driver output resistance
+    r_sink: float = rf(1000.0, ge=0.0, le=MAX_OHM)     # ohm, neuron input resistance
+    r_wire: float = rf(0.0, ge=0.0, le=MAX_OHM)        # ohm, per wire segment between cells
     v_read: float = rf(0.2, gt=0.0)              # volt, read voltage of the largest input
     mapping: str = rf("separate", choices=("separate", "interleaved"))
-    w_max: Optional[float] = rf(None, gt=0.0)    # weight clipping range; null = max |W| per layer
+    # weight clipping range; null = max |W| per layer. At most 1e6: a weight of 1 then uses 1e-6 of the
+    # conductance window, about float32's resolution; far above it, the output scale overflows (NaN)
+    w_max: Optional[float] = rf(None, gt=0.0, le=1e6)
     # peripherals (used when nonideality.dac / nonideality.adc are on)
     dac_bits: int = rf(8, ge=1, le=32)           # row DAC resolution
-    dac_range: Optional[float] = rf(None, gt=0.0)   # DAC full scale (input units); null = max |x| per sample
+    # DAC full scale (input units, which are O(1): outside 1e-6..1e6 every input rounds to 0 or to
+    # full scale, and at the extremes the scale leaves float32); null = max |x| per sample
+    dac_range: Optional[float] = rf(None, ge=1e-6, le=1e6)
     adc_bits: int = rf(8, ge=1, le=32)           # column ADC resolution (one ADC per differential pair)
-    adc_range: float = rf(0.25, gt=0.0)          # ADC full scale / (rows * (g_max - g_min) * v_read) (fixed mode; start value)
+    # ADC full scale / (rows * (g_max - g_min) * v_read), the largest differential current a tile can
+    # produce, so at most 1 (fixed mode; start value)
+    adc_range: float = rf(0.25, gt=0.0, le=1.0)
     # how the ADC range is set: auto = learned for tech_aware, calibrated for standard training;
     # fixed = adc_range for every converter; calibrated = a percentile of the nominal array's outputs
     # on training images, per tile or column pair; learned = calibrated, then trained (LSQ gradient)
@@ -147,7 +162,7 @@ class WeightNoiseConfig:
     After IBM aihwkit 1.1.0's ``WeightModifierParameter`` (``std_dev``, ``pdrop``;
     ``WeightModifierType.MULT_NORMAL`` / ``ADD_NORMAL``); see conf/training/noise_aware.yaml.
     """
-    mult_std: float = rf(0.0, ge=0.0)            # sigma of a lognormal factor exp(sigma z) per weight (cf. d2d)
+    mult_std: float = rf(0.0, ge=0.0, le=MAX_LOG_SIGMA)   # sigma of a lognormal factor exp(sigma z) per weight (cf. d2d)
     add_std: float = rf(0.0, ge=0.0)             # std of additive Gaussian noise, in units of the layer's w_max
     pdrop: float = rf(0.0, ge=0.0, lt=1.0)       # drop connect: probability that a weight is 0 for the step
 
@@ -235,7 +250,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
+    seed: int = rf(0, ge=0, le=2**32 - 1)        # NumPy's seed range (Lightning seeds NumPy with it)
     run_name: Optional[str] = None
     resume: bool = False                         # continue the run in hydra.run.dir from its last checkpoint
     # train: train, then evaluate; evaluate: evaluate the trained weights of `source` (no training)
@@ -285,7 +300,8 @@ def _check_value(key: str, value, meta) -> None:
     ):
         if bound is not None and not ok(value, bound):
             sym = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[op]
-            raise ConfigError(f"{key} must be {sym} {bound} (got {value})")
+            shown = f"{bound:g}" if isinstance(bound, float) and abs(bound) >= 1e6 else bound  # 1e+12, not 1000000000000.0
+            raise ConfigError(f"{key} must be {sym} {shown} (got {value})")
 
 
 def _check_node(prefix: str, node) -> None:
