@@ -287,3 +287,38 @@ def test_bad_values_are_refused_before_torch_lightning_and_mlflow_load(workdir):
         assert "xbarflow.config" in imported  # the log is read right
         assert not imported & not_loaded, (bad, sorted(imported & not_loaded))
         _no_run_left(workdir)
+
+
+# ---------------------------------------------------------------- issue 25: inputs that misbehaved
+@pytest.mark.parametrize("overrides,line", [
+    (["model=resnet20", "model.width=0"], "model.width must be >= 1 (got 0)"),
+    (["model=resnet20", "model.width=-16"], "model.width must be >= 1 (got -16)"),
+    (["model=user", "model._target_=xbarflow.models.CifarResNet", "model.depth=21"],
+     "model.depth must be 6n + 2 >= 8: 8, 14, 20, 26, 32, 44, 56, 110, ... (got 21)"),
+    (["model=fcn", "model.hidden=[0]"], "model.hidden[0] must be >= 1 (got 0)"),
+    (["model=fcn", "model.hidden=[100,-1]"], "model.hidden[1] must be >= 1 (got -1)"),
+    (["model=fcn", "model.hidden=500"], "model.hidden must be a list of integers >= 1 (got 500)"),
+    (["model=cnn", "model.channels=[32,0]"], "model.channels[1] must be >= 1 (got 0)"),
+    (["model=cnn", "model.classifier_hidden=0"], "model.classifier_hidden must be >= 1 (got 0)"),
+    (["model=vgg", "model.width=0"], "model.width must be >= 1 (got 0)"),
+    (["model=vgg", "model.width=1.5"], "model.width must be an integer >= 1 (got 1.5)"),
+    (["model=vgg", "model.layers=[1,M,X]"], "model.layers[2] must be an integer >= 1 (a channel multiple) or M (got 'X')"),
+    (["model=vgg", "model.classifier_hidden=0"], "model.classifier_hidden must be >= 1 (got 0)"),
+])
+def test_model_arguments_are_checked_at_validation(overrides, line):
+    """Before any data is read (the old code built the network: an IndexError traceback for width=0)."""
+    with pytest.raises(ConfigError) as info:
+        validate(compose(overrides))
+    assert str(info.value) == line
+
+
+@pytest.mark.parametrize("cfg,line", [
+    ({"_target_": "xbarflow.models.cnn", "channels": [8] * 6}, "model.channels: 6 2x2 poolings leave nothing of 32x32 images"),
+    ({"_target_": "xbarflow.models.vgg", "layers": [1, "M"] * 6}, "model.layers: 6 2x2 poolings leave nothing of 32x32 images"),
+])
+def test_too_many_poolings_for_the_images_are_refused_when_built(cfg, line):
+    from xbarflow.builders import build_model
+
+    with pytest.raises(ConfigError) as info:
+        build_model(cfg, (1, 28, 28), 10)
+    assert str(info.value).startswith(line), info.value

@@ -191,10 +191,12 @@ def test_bad_model_configs_name_the_key(overrides, message):
 
 
 def test_bad_model_values_are_one_line():
-    typed = validate(compose(["model.hidden=[500,0]"]))
-    with pytest.raises(ConfigError) as info:
-        build_model(typed.model, (1, 28, 28), 10)
-    assert "hidden[1] must be >= 1 (got 0)" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ConfigError) as info:  # refused by validation, before any data is read
+        validate(compose(["model.hidden=[500,0]"]))
+    assert str(info.value) == "model.hidden[1] must be >= 1 (got 0)"
+    with pytest.raises(ConfigError) as info:  # and by build_model, for callers from Python
+        build_model({"_target_": "xbarflow.models.fcn", "hidden": [500, 0]}, (1, 28, 28), 10)
+    assert str(info.value) == "model.hidden[1] must be >= 1 (got 0)"
     typed = validate(compose(["model=torchvision", "model.name=resnet1800"]))
     with pytest.raises(ConfigError) as info:
         build_model(typed.model, (3, 32, 32), 10)

@@ -55,10 +55,11 @@ def _signature(obj: Callable):
 
 
 def check_model_config(model_cfg: Mapping[str, Any]) -> None:
-    """Reject a model config whose target is missing or whose keys it does not take, in one line.
+    """Reject a model config whose target is missing, whose keys it does not take, or whose
+    values its ``xbarflow_check_args`` refuses (:mod:`xbarflow.models.checks`), in one line.
 
     Raises:
-        ConfigError: naming the key and the target's arguments.
+        ConfigError: naming the key and the target's arguments, or the value and its range.
     """
     obj = model_target(model_cfg)
     sig = _signature(obj)
@@ -74,6 +75,14 @@ def check_model_config(model_cfg: Mapping[str, Any]) -> None:
         if key not in allowed:
             raise ConfigError(f"model.{key}: no such argument of {model_cfg['_target_']} "
                               f"(arguments: {', '.join(allowed) or 'none'})")
+    check = getattr(obj, "xbarflow_check_args", None)
+    if callable(check):  # the builder's own checks of its values (widths >= 1, ...)
+        args = {n: p.default for n, p in sig.parameters.items() if p.default is not p.empty}
+        args.update({k: v for k, v in model_cfg.items() if not (k.startswith("_") and k.endswith("_"))})
+        try:
+            check(args)
+        except ValueError as e:
+            raise ConfigError(f"model.{e}") from None
 
 
 def build_model(model_cfg: Mapping[str, Any], in_shape: Tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -100,7 +109,8 @@ def build_model(model_cfg: Mapping[str, Any], in_shape: Tuple[int, int, int], nu
     except InstantiationException as e:
         cause = e.__cause__ or e
         msg = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-        raise ConfigError(f"model ({cfg['_target_']}): {msg}") from None
+        # a builder of xbarflow.models names the key itself (model.channels: ...)
+        raise ConfigError(msg if msg.startswith("model.") else f"model ({cfg['_target_']}): {msg}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model._target_={cfg['_target_']} returned {type(model).__name__}, not a torch.nn.Module")
     return model

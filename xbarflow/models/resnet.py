@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import Args, positive_int, with_check
+
 
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU."""
@@ -35,13 +37,20 @@ class BasicBlock(nn.Module):
         return F.relu(y + self.shortcut(x))
 
 
+def _check_resnet(args: Args) -> None:
+    depth = args.get("depth", 20)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth must be 6n + 2 >= 8: 8, 14, 20, 26, 32, 44, 56, 110, ... (got {depth!r})")
+    positive_int("width", args["width"])
+
+
+@with_check(_check_resnet)
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for small images ``(N, C, H, W)``, any H, W >= 8."""
 
     def __init__(self, in_shape: Tuple[int, int, int], num_classes: int, depth: int = 20, width: int = 16):
         super().__init__()
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"depth must be 6n + 2 >= 8 (got {depth})")
+        _check_resnet({"depth": depth, "width": width})
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_shape[0], width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -64,6 +73,7 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+@with_check(_check_resnet)
 def resnet20(in_shape: Tuple[int, int, int], num_classes: int, width: int = 16) -> CifarResNet:
     """ResNet-20: 3 stages x 3 basic blocks; ``width`` channels in the first stage (16 in the paper)."""
     return CifarResNet(in_shape, num_classes, depth=20, width=width)

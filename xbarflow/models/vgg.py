@@ -5,12 +5,27 @@ from typing import Sequence, Tuple, Union
 
 import torch.nn as nn
 
+from .checks import Args, pooled_side, positive_int, with_check
 from .paper import PadTo
 
 # VGG-8: five 3x3 conv layers and three fully connected ones; "M" = 2x2 max-pool
 VGG8 = (1, "M", 2, "M", 4, 4, "M", 8, "M")
 
 
+def _check_vgg(args: Args) -> None:
+    positive_int("width", args["width"])
+    layers = args["layers"]
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        raise ValueError(f"layers must be a list of channel multiples (integers >= 1) and M (got {layers!r})")
+    for i, item in enumerate(layers):
+        if item != "M":
+            if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+                raise ValueError(f"layers[{i}] must be an integer >= 1 (a channel multiple) or M (got {item!r})")
+    positive_int("classifier_hidden", args["classifier_hidden"])
+    positive_int("size", args["size"])
+
+
+@with_check(_check_vgg)
 def vgg(in_shape: Tuple[int, int, int], num_classes: int, width: int = 16,
         layers: Sequence[Union[int, str]] = VGG8, classifier_hidden: int = 128,
         batch_norm: bool = True, size: int = 32) -> nn.Sequential:
@@ -19,8 +34,10 @@ def vgg(in_shape: Tuple[int, int, int], num_classes: int, width: int = 16,
     Inputs are zero-padded to ``max(size, H, W)`` square; with the defaults (VGG-8, width 16)
     the network has 5 conv and 3 FC layers and about 0.5 M parameters.
     """
+    _check_vgg({"width": width, "layers": layers, "classifier_hidden": classifier_hidden, "size": size})
     c, h, w = in_shape
     side = max(size, h, w)
+    pooled_side("model.layers", side, sum(item == "M" for item in layers))
     mods = [PadTo(side)]
     for item in layers:
         if item == "M":
