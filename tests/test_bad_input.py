@@ -322,3 +322,37 @@ def test_too_many_poolings_for_the_images_are_refused_when_built(cfg, line):
     with pytest.raises(ConfigError) as info:
         build_model(cfg, (1, 28, 28), 10)
     assert str(info.value).startswith(line), info.value
+
+
+def _digits_model(overrides):
+    from xbarflow import pipeline
+
+    typed = validate(compose(["experiment=smoke", "dataset=digits", *overrides]))
+    return pipeline.build_crossbar_model(typed, pipeline.build_datasets(typed.dataset))
+
+
+def test_a_layer_selection_that_selects_nothing_is_refused_unless_include_is_empty():
+    from xbarflow.nn.convert import xbar_layers
+
+    on_purpose = "xbar.layers.include=[] runs the network without crossbars on purpose"
+    for overrides, named in (
+            (["xbar.layers.include=[nomatch*]"], "xbar.layers.include=['nomatch*'] matches no layer of the model "
+                                                 "(its layers: 1, 3)"),
+            (["xbar.layers.exclude=[*]"], "selects no layer once xbar.layers.exclude=['*'] is applied (its layers: 1, 3)"),
+            (["xbar.layers.first_last_digital=true"], "once xbar.layers.first_last_digital=true is applied")):
+        with pytest.raises(ConfigError) as info:
+            _digits_model(overrides)
+        msg = str(info.value)
+        assert "\n" not in msg and named in msg and on_purpose in msg, msg
+    # allowed: no crossbars on purpose, an exclude pattern that matches nothing, and one include
+    # pattern of several that matches nothing (the set selects layer 3)
+    assert not list(xbar_layers(_digits_model(["xbar.layers.include=[]"])))
+    assert [layer.xbar_name for layer in xbar_layers(_digits_model(["xbar.layers.exclude=[nomatch*]"]))] == ["1", "3"]
+    assert [layer.xbar_name for layer in xbar_layers(_digits_model(["xbar.layers.include=[3,fc]"]))] == ["3"]
+
+
+def test_layer_selection_that_selects_nothing_on_the_command_line(workdir):
+    """The old code trained a software network and logged it as a crossbar run (exit 0)."""
+    proc = run_cli(["experiment=smoke", "dataset=digits", "xbar.layers.include=[nomatch*]"], cwd=workdir)
+    _one_line_exit_2(proc, "xbar.layers.include=['nomatch*'] matches no layer", "its layers: 1, 3")
+    _no_run_left(workdir)

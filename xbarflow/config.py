@@ -99,8 +99,10 @@ class HardwareConfig:
 
 @dataclass
 class XbarLayersConfig:
-    include: List[str] = field(default_factory=lambda: ["*"])   # glob patterns on module names (fnmatch)
-    exclude: List[str] = field(default_factory=list)            # e.g. ["fc", "*shortcut*"]
+    # glob patterns on module names (fnmatch). A selection that puts no layer on crossbars is refused
+    # (a pattern that matches nothing is a typo), except include=[]: no crossbars, on purpose
+    include: List[str] = field(default_factory=lambda: ["*"])
+    exclude: List[str] = field(default_factory=list)            # e.g. ["fc", "*shortcut*"]; may match nothing
     first_last_digital: bool = False             # keep the first and last convertible layer digital
 
 

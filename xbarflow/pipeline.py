@@ -26,7 +26,7 @@ from .evaluation import calibration_loader, evaluate
 from .hardware import adc_range_mode, crossbar_spec, layer_selection, make_chip
 from .logged_model import log_model
 from .nn.calibration import calibrate_converters, calibrated_by, converter_ranges
-from .nn.convert import convert, xbar_layers
+from .nn.convert import LayerSelection, convert, convertible_layers, xbar_layers
 from .nn.layers import CROSSBAR_ONLY_PARAMS
 from .nn.memory import model_memory
 from .runtime import memory_limit_bytes
@@ -86,10 +86,37 @@ def seed_everything(seed: int) -> None:
 def build_crossbar_model(typed: Config, data: DataSplits, start_dir: Optional[str] = None) -> torch.nn.Module:
     """The network for the data, converted to crossbar layers, optionally from ``training.init_from``."""
     model = build_model(typed.model, data.in_shape, data.num_classes)
-    xmodel = convert(model, crossbar_spec(typed), layers=layer_selection(typed))
+    selection = layer_selection(typed)
+    check_layer_selection(selection, model)
+    xmodel = convert(model, crossbar_spec(typed), layers=selection)
     if typed.training.init_from:
         load_initial_weights(xmodel, typed.training.init_from, start_dir)
     return xmodel
+
+
+def check_layer_selection(selection: LayerSelection, model: torch.nn.Module) -> None:
+    """Refuse an ``xbar.layers`` selection that puts no layer of the model on crossbars: a run
+    without crossbars is asked for by ``xbar.layers.include=[]`` only (a pattern that matches
+    nothing is a typo, not a choice). A pattern of ``exclude`` that matches nothing is fine.
+
+    Raises:
+        ConfigError: one line with the patterns and the model's layer names.
+    """
+    if not selection.include or selection.chosen(model):
+        return
+    names = convertible_layers(model)
+    on_purpose = "xbar.layers.include=[] runs the network without crossbars on purpose"
+    if not names:
+        raise ConfigError(f"xbar.layers.include={list(selection.include)}: the model has no layer a crossbar can hold "
+                          f"(nn.Linear, ungrouped nn.Conv2d); {on_purpose}")
+    shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+    if not LayerSelection(include=selection.include).chosen(model):
+        why = "matches no layer of the model"
+    else:
+        left_out = [f"xbar.layers.exclude={list(selection.exclude)}"] if selection.exclude else []
+        left_out += ["xbar.layers.first_last_digital=true"] if selection.first_last_digital else []
+        why = f"selects no layer once {' and '.join(left_out)} {'are' if len(left_out) > 1 else 'is'} applied"
+    raise ConfigError(f"xbar.layers.include={list(selection.include)} {why} (its layers: {shown}); {on_purpose}")
 
 
 def load_initial_weights(model: torch.nn.Module, path: str, start_dir: Optional[str] = None) -> None:
