@@ -356,3 +356,16 @@ def test_layer_selection_that_selects_nothing_on_the_command_line(workdir):
     proc = run_cli(["experiment=smoke", "dataset=digits", "xbar.layers.include=[nomatch*]"], cwd=workdir)
     _one_line_exit_2(proc, "xbar.layers.include=['nomatch*'] matches no layer", "its layers: 1, 3")
     _no_run_left(workdir)
+
+
+def test_a_missing_source_file_is_no_such_file(tmp_path):
+    from xbarflow.source import resolve_source
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for spec in ("missing.pt", "runs/old/weights.pth", "last.ckpt", "w.safetensors", "./weights", str(tmp_path / "w")):
+        with pytest.raises(ConfigError) as info:
+            resolve_source(spec, uri, str(tmp_path))
+        assert str(info.value) == f"source={spec}: no such file"
+    # neither a path nor a run id: the message lists what a source may be
+    with pytest.raises(ConfigError, match="not a weights file"):
+        resolve_source("my-best-run", uri, str(tmp_path))

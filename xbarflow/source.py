@@ -32,6 +32,8 @@ from .nn.layers import CROSSBAR_ONLY_PARAMS
 
 KEY = "source"
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+# a source ending so is a file, never a run id
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
 # What the weights must have been trained for: the network's shape and the data split (a
 # source trained on another split of the same images has seen this run's test images).
 MUST_MATCH = ("model.", "dataset.name", "dataset.split_seed", "dataset.val_fraction", "dataset.test_fraction",
@@ -145,6 +147,13 @@ def _from_logged_model(run_id: str, tracking_uri: str, spec: str) -> Dict[str, t
     return _as_state(state, spec)
 
 
+def looks_like_path(spec: str) -> bool:
+    """Whether ``source`` names a file (a weights suffix, a folder separator, ``.`` or ``~`` first)
+    rather than a run: such a source that does not exist is a missing file."""
+    return (Path(spec).suffix.lower() in WEIGHTS_SUFFIXES or "/" in spec or os.sep in spec
+            or spec.startswith((".", "~")))
+
+
 def resolve_source(spec: str, tracking_uri: str, start_dir: Optional[str] = None, trusted: Sequence[str] = (),
                    exact: Sequence[str] = ()) -> Source:
     """Find the source's weights: a weights file, a model folder, a run id (its ``weights.pt``,
@@ -170,6 +179,8 @@ def resolve_source(spec: str, tracking_uri: str, start_dir: Optional[str] = None
         artifact = artifact.strip("/") or "model"
     elif RUN_ID.fullmatch(spec):
         run_id, artifact = spec, ""
+    elif looks_like_path(spec):
+        raise _fail(spec, "no such file")
     else:
         raise _fail(spec, "not a weights file, a model folder, an MLflow run id (32 hex digits) or a "
                           "runs:/<run id>/<artifact> URI")
