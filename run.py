@@ -19,7 +19,8 @@ register_configs()
 
 
 def _refuse(error: Exception, hc, multirun: bool) -> float:
-    """Bad input: one line, no MLflow run created; exit 2, or in a sweep record the job as rejected."""
+    """Bad input: one line; exit 2, or in a sweep record the job as rejected. No MLflow run is
+    created, except by a setting found bad only while it ran (a diverged training): that run is FAILED."""
     from xbarflow import tracking
 
     print(f"error: {tracking.redact(error)}", file=sys.stderr, flush=True)

@@ -369,3 +369,47 @@ def test_a_missing_source_file_is_no_such_file(tmp_path):
     # neither a path nor a run id: the message lists what a source may be
     with pytest.raises(ConfigError, match="not a weights file"):
         resolve_source("my-best-run", uri, str(tmp_path))
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_non_finite_loss_or_weights_end_training_with_one_line():
+    import torch
+    from torch import nn
+
+    from xbarflow.training.module import CrossbarClassifier, TrainingDiverged
+
+    cfg = validate(compose(["training=standard", "training.lr=1e9"])).training
+    module = CrossbarClassifier(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), cfg, num_classes=3, make_chip=lambda s: None)
+    x, y = torch.ones(2, 1, 2, 2), torch.tensor([0, 1])
+    module.training_step((x, y), 0)  # finite: no error
+    with torch.no_grad():
+        module.model[1].weight[0, 0] = float("inf")
+    with pytest.raises(TrainingDiverged) as info:
+        module.on_train_batch_end({"loss": torch.tensor(2.5)}, (x, y), 0)
+    assert str(info.value) == ("training diverged in epoch 0 (loss 2.5, the weights are no longer finite): "
+                               "lower training.lr (got 1e+09)")
+    with pytest.raises(TrainingDiverged, match=r"^training diverged in epoch 0 \(loss nan\): lower training.lr"):
+        module.training_step((x, y), 1)
+    assert isinstance(info.value, ConfigError)  # run.py: one line, exit 2
+    # with weight decay, the step is also lr * weight_decay
+    cfg = validate(compose(["training=standard", "training.optimizer=sgd", "training.weight_decay=1e9"])).training
+    module = CrossbarClassifier(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), cfg, num_classes=3, make_chip=lambda s: None)
+    assert str(module._diverged(torch.tensor(float("inf")))) == (
+        "training diverged in epoch 0 (loss inf): lower training.lr (got 0.001) or training.weight_decay (got 1e+09)")
+
+
+def test_diverged_training_ends_with_one_line_and_a_failed_run(workdir):
+    """lr=1e9: the weights overflow after the first steps. The old code went on into the physics
+    core (ValueError: G must be finite, a traceback, exit 1)."""
+    proc = run_cli(["experiment=smoke", "dataset=digits", "training.lr=1e9"], cwd=workdir)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0].startswith("error: training diverged in epoch 0 (loss ")
+    assert errors[0].endswith("lower training.lr (got 1e+09)")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("xbarflow").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]

@@ -45,7 +45,9 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
         The section-8 metrics (accuracies in percent).
 
     Raises:
-        ConfigError, DatasetUnavailable: bad input, before any run is created.
+        ConfigError, DatasetUnavailable: bad input, before any run is created; or
+            :class:`~xbarflow.training.module.TrainingDiverged` (a ConfigError) while training,
+            and the run is marked FAILED.
     """
     typed = validate(cfg)
     seed_everything(typed.seed)

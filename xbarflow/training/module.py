@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..config import ConfigError
 from ..crossbar.variation import Chip
 from ..nn.calibration import calibrate_column_gains, calibrate_converters
 from ..nn.convert import set_mode, xbar_layers
@@ -16,6 +17,14 @@ from .noise import forward_with_weight_noise
 
 # Training chips live in their own seed range so they never coincide with evaluation chips.
 TRAIN_CHIP_SEED_BASE = 10**9
+
+
+class TrainingDiverged(ConfigError):
+    """The loss or the weights stopped being finite: the step size is too large for the network.
+
+    A :class:`~xbarflow.config.ConfigError` (a setting to change, not a bug): the entry point
+    answers it with one line and exit 2, and the run, already open, is marked FAILED.
+    """
 
 
 class CrossbarClassifier(pl.LightningModule):
@@ -91,8 +100,26 @@ class CrossbarClassifier(pl.LightningModule):
         else:
             logits = self.model(x)
         loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise self._diverged(loss)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # after the optimizer step: weights that overflowed would reach the crossbar model
+        # (conductances from NaN) in the next step or in validation
+        params = [p.detach() for p in self.parameters()]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            raise self._diverged(loss, "the weights are no longer finite")
+
+    def _diverged(self, loss, what: str = "") -> TrainingDiverged:
+        t = self.training_cfg
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float("nan")
+        # the step size: the learning rate, and with SGD's or Adam's L2 term lr * weight_decay
+        decay = f" or training.weight_decay (got {t.weight_decay:g})" if t.weight_decay > 0 else ""
+        return TrainingDiverged(f"training diverged in epoch {self.current_epoch} (loss {value:.3g}"
+                                f"{', ' + what if what else ''}): lower training.lr (got {t.lr:g}){decay}")
 
     def on_validation_epoch_start(self):
         self._eval_mode()
