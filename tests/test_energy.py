@@ -336,13 +336,13 @@ def test_measure_energy_restores_the_mode_and_caches_y():
     x = torch.rand(2, 100, dtype=torch.float64)
     a = measure_energy(net, [x], PARAMS)
     assert net[0].mode == "ideal"
-    Y = nn_energy._ADMITTANCE[net[0]][1]
+    Y = nn_energy._READ_MODEL[net[0]][1].admittance
     b = measure_energy(net, [x], PARAMS)
-    assert nn_energy._ADMITTANCE[net[0]][1] is Y and a.total_j == b.total_j
+    assert nn_energy._READ_MODEL[net[0]][1].admittance is Y and a.total_j == b.total_j
     with torch.no_grad():
         net[0].weight.mul_(0.5)                                         # a weight update: Y recomputed
     measure_energy(net, [x], PARAMS)
-    assert nn_energy._ADMITTANCE[net[0]][1] is not Y
+    assert nn_energy._READ_MODEL[net[0]][1].admittance is not Y
 
 
 def test_report_tables():
@@ -357,3 +357,58 @@ def test_report_tables():
     assert set(rep.metrics()) == {"energy/total_pj_per_image", "energy/array_pj_per_image", "energy/dac_pj_per_image",
                                   "energy/adc_pj_per_image", "energy/digital_pj_per_image", "latency/ns_per_image",
                                   "energy/tops_per_w"}
+
+
+@pytest.mark.parametrize("mapping", ["separate", "interleaved"])
+@pytest.mark.parametrize("r_source,r_sink,r_wire", [(1e3, 1e3, 0.0), (0.0, 500.0, 0.0), (1e3, 0.0, 0.0),
+                                                    (0.0, 0.0, 0.0), (1e3, 1e3, 2.5), (0.0, 0.0, 5.0)])
+# a 3 x 2 grid; a narrow layer (its padded columns merged); a narrow last tile column (merged, the others not)
+@pytest.mark.parametrize("shape", [(37, 21), (20, 3), (37, 18)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_read_model_effective_weight_is_the_layers(mapping, r_source, r_sink, r_wire, shape, dtype):
+    from xbarflow.crossbar import effective_weight
+    from xbarflow.crossbar.energy import layer_read_model
+
+    torch.manual_seed(1)
+    W = torch.randn(*shape, dtype=dtype)
+    spec = CrossbarSpec(rows=16, cols=16, r_source=r_source, r_sink=r_sink, r_wire=r_wire, mapping=mapping)
+    W_eff, Y, exact = layer_read_model(W, spec)
+    ref_weight = effective_weight(W, spec)
+    # the same solves as the layer's: the same bits, so a layer may keep it as its effective weight
+    assert exact == (r_wire == 0.0)
+    if exact:
+        assert torch.equal(W_eff, ref_weight)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(W_eff, ref_weight, rtol=tol, atol=tol * float(ref_weight.abs().max()))
+    if dtype == torch.float32:
+        return
+    # Y against every tile's own admittance (all columns solved, padded ones included)
+    G, _ = device_conductances(W, spec)
+    G = G.unsqueeze(0) if mapping == "interleaved" else G
+    ref = source_admittance(G, r_source=r_source, r_sink=r_sink, r_wire=r_wire).sum((0, 2))
+    torch.testing.assert_close(Y, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("r_wire", [0.0, 2.5])
+def test_the_energy_pass_leaves_the_layers_as_they_were(monkeypatch, r_wire):
+    from xbarflow.nn import layers as layers_module
+    from xbarflow.nn import set_mode
+
+    spec = CrossbarSpec(rows=64, cols=16, r_source=1e3, r_sink=1e3, r_wire=r_wire)
+    net = _net(spec)
+    x = torch.rand(2, 100, dtype=torch.float64)
+    measure_energy(net, [x], PARAMS)
+    assert "effective_weight_matrix" not in net[0].__dict__ and net[0].mode == "ideal"
+    fresh = set_mode(_net(spec), "nominal")                   # the same weights, no energy pass
+    with torch.no_grad():
+        ref = fresh(x)
+    if r_wire == 0.0:
+        # the nominal weight it solved is the layer's own, bit for bit: a nominal pass reuses it
+        def no_solve(*args, **kwargs):
+            raise AssertionError("the nominal effective weight was solved again")
+
+        monkeypatch.setattr(layers_module, "effective_weight", no_solve)
+    set_mode(net, "nominal")
+    with torch.no_grad():
+        y = net(x)
+    assert torch.equal(y, ref) if r_wire == 0.0 else torch.allclose(y, ref, rtol=1e-10)

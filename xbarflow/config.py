@@ -95,6 +95,9 @@ class HardwareConfig:
     drift_nu: float = rf(0.0, ge=0.0)            # mean drift exponent: G(t) = G0 (t / t0)^-nu
     drift_nu_std: float = rf(0.0, ge=0.0)        # device-to-device sigma of nu
     drift_t0: float = rf(1.0, gt=0.0)            # seconds; drift starts at t0
+    # seconds, read pulse: how long a read applies the row voltages (energy: t_read V^T Y V; latency);
+    # each device file gives its technology's value and source; the default is a 100 ns crossbar read
+    t_read: float = rf(1.0e-7, gt=0.0, le=1.0)
 
 
 @dataclass
@@ -234,6 +237,24 @@ class EvalConfig:
     bn_samples: int = rf(512, ge=2)              # training images of the BatchNorm re-estimation
 
 
+@dataclass
+class EnergyConfig:
+    """Energy and latency per image of the crossbar layers (model note, section 10; xbarflow/nn/energy.py).
+
+    The converters' and the digital periphery's numbers; their sources are in conf/energy/*.yaml.
+    The read pulse is the technology's (``hardware.t_read``), the ADC resolution ``xbar.adc_bits``.
+    """
+    enabled: bool = True                         # measure (on the nominal crossbar) and log energy/* and latency/*
+    samples: int = rf(256, ge=1)                 # first test images, one pass: the layers' input statistics
+    adc_fom_j: float = rf(1.0e-14, ge=0.0)       # J, ADC Walden figure of merit per conversion step (E = FOM 2^bits)
+    dac_energy_j: float = rf(3.1e-12, ge=0.0)    # J, per DAC conversion (one driven row, one read)
+    digital_add_j: float = rf(9.0e-13, ge=0.0)   # J, per digital addition (partial sums, bias)
+    digital_mult_j: float = rf(3.7e-12, ge=0.0)  # J, per digital multiplication (column gain)
+    t_conv_s: float = rf(7.8e-10, ge=0.0)        # seconds, per ADC conversion
+    columns_per_adc: int = rf(1, ge=1)           # columns sharing one ADC (converted in turn: latency, not count)
+    tiles: str = rf("parallel", choices=("parallel", "sequential"))   # how a layer's tiles are read
+
+
 OBJECTIVES = tuple(f"{split}/acc_{what}" for split in ("test", "val")
                    for what in ("xbar_mean", "xbar_nominal", "xbar_min", "software"))
 
@@ -252,6 +273,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
     seed: int = rf(0, ge=0, le=2**32 - 1)        # NumPy's seed range (Lightning seeds NumPy with it)
     run_name: Optional[str] = None
     resume: bool = False                         # continue the run in hydra.run.dir from its last checkpoint
@@ -269,7 +291,7 @@ class Config:
 GROUP_SCHEMAS = {
     "dataset": DatasetConfig, "hardware": HardwareConfig, "xbar": XbarConfig,
     "nonideality": NonidealityConfig, "training": TrainingConfig, "trainer": TrainerConfig,
-    "logger": LoggerConfig, "eval": EvalConfig,
+    "logger": LoggerConfig, "eval": EvalConfig, "energy": EnergyConfig,
 }
 
 

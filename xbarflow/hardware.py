@@ -16,6 +16,7 @@ from .crossbar.rng import layer_generator
 from .crossbar.spec import CrossbarSpec
 from .crossbar.variation import Chip
 from .nn.convert import LayerSelection
+from .nn.energy import EnergyParams
 
 
 def crossbar_spec(cfg) -> CrossbarSpec:
@@ -105,3 +106,16 @@ def layer_selection(cfg) -> LayerSelection:
     sel = cfg.xbar.layers
     return LayerSelection(include=tuple(sel.include), exclude=tuple(sel.exclude),
                           first_last_digital=sel.first_last_digital)
+
+
+def energy_params(cfg) -> EnergyParams:
+    """The numbers of the energy and latency budget (``energy`` group, ``hardware.t_read``, ``xbar.adc_bits``).
+
+    The converters are counted at ``xbar.adc_bits`` whether or not ``nonideality.adc`` simulates
+    their rounding: a chip reads its arrays through them either way.
+    """
+    e = cfg.energy
+    return EnergyParams(t_read=float(cfg.hardware.t_read), adc_fom_j=float(e.adc_fom_j), adc_bits=int(cfg.xbar.adc_bits),
+                        dac_energy_j=float(e.dac_energy_j), digital_add_j=float(e.digital_add_j),
+                        digital_mult_j=float(e.digital_mult_j), t_conv=float(e.t_conv_s),
+                        columns_per_adc=int(e.columns_per_adc), tiles=str(e.tiles))

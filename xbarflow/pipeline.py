@@ -2,8 +2,8 @@
 
 config -> validate -> data -> model (converted to crossbars) -> source (mode=evaluate, or a
 reused standard training) -> memory check -> tracked run -> train (or deploy the source) ->
-calibrate -> evaluate -> log results and the model. Every step that can reject the input runs before the
-MLflow run is opened, so bad input leaves no run behind; a failure after that marks the run
+calibrate -> energy -> evaluate -> log results and the model. Every step that can reject the input
+runs before the MLflow run is opened, so bad input leaves no run behind; a failure after that marks the run
 FAILED (or KILLED on interrupt), never RUNNING (:func:`xbarflow.tracking.open_run`).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from . import source as source_module
 from . import sweep_view, tracking
@@ -23,10 +23,11 @@ from .builders import build_model
 from .config import Config, ConfigError, init_from_file, validate
 from .data import DataSplits, EpochShuffleSampler, build_datasets
 from .evaluation import calibration_loader, evaluate
-from .hardware import adc_range_mode, crossbar_spec, layer_selection, make_chip
+from .hardware import adc_range_mode, crossbar_spec, energy_params, layer_selection, make_chip
 from .logged_model import log_model
 from .nn.calibration import calibrate_converters, calibrated_by, converter_ranges
 from .nn.convert import LayerSelection, convert, convertible_layers, xbar_layers
+from .nn.energy import EnergyReport, measure_energy
 from .nn.layers import CROSSBAR_ONLY_PARAMS
 from .nn.memory import model_memory
 from .runtime import memory_limit_bytes
@@ -69,10 +70,13 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
         else:
             device = source_module.deploy(run, typed, cfg, model, data, source)
         calibrate_periphery(typed, model, data, device)
+        # energy first: it solves the nominal arrays, and the evaluation's nominal pass reuses that solve
+        energy = measure_energy_per_image(typed, model, data, device)
         metrics, per_chip = evaluate_on_test(typed, model, data, device)
         if typed.objective.startswith("val/"):
             metrics.update(evaluate_on_val(typed, model, data, device))
         log_results(run, typed, model, metrics, per_chip, n_test=len(data.test))
+        log_energy(run, energy)
         log_model(run, typed, model, torch.stack([data.train[i][0] for i in range(2)]))
     return metrics
 
@@ -351,6 +355,41 @@ def log_results(run: "tracking.TrackedRun", typed: Config, model: torch.nn.Modul
         torch.save(model_state(model), path)
         record.log_artifact(str(path))
     print(" ".join(f"{k}={v:.2f}" for k, v in metrics.items()), flush=True)
+
+
+def measure_energy_per_image(typed: Config, model: torch.nn.Module, data: DataSplits,
+                             device) -> Optional[EnergyReport]:
+    """Energy and latency per image of the crossbar layers (model note, section 10), or None
+    (``energy.enabled`` off, or no layer on crossbars).
+
+    One pass of the first ``energy.samples`` test images through the nominal crossbar gives every
+    layer's row-voltage statistics; the array energy is the exact circuit's (``xbarflow.nn.energy``).
+    It solves each layer's nominal tiles once, for their admittance and the effective weight the
+    pass goes through; the layers keep that weight where it is bitwise their own, so the
+    evaluation's nominal pass that follows costs no second solve (and gives the same bits as
+    without this step). The column gain's multiplication is counted where the gains are not 1, or
+    for every layer when ``eval.compensation`` fits gains on the chip.
+    """
+    if not typed.energy.enabled or not any(True for _ in xbar_layers(model)):
+        return None
+    n = min(typed.energy.samples, len(data.test))
+    loader = DataLoader(Subset(data.test, range(n)), batch_size=typed.eval.batch_size,
+                        num_workers=typed.dataset.num_workers)
+    return measure_energy(model, (x.to(device) for x, _ in loader), energy_params(typed),
+                          column_gain=True if typed.eval.compensation != "none" else None)
+
+
+def log_energy(run: "tracking.TrackedRun", report: Optional[EnergyReport]) -> None:
+    """``energy/*_pj_per_image``, ``latency/ns_per_image``, ``energy/tops_per_w`` and the per-layer
+    table (energy.md, energy.json) into the run; a summary line on stdout."""
+    if report is None:
+        return
+    run.record.log_metrics(report.metrics())
+    run.record.log_text(report.to_markdown(), "energy.md")
+    run.record.log_text(report.to_json(), "energy.json")
+    m = report.metrics()
+    print(f"energy {m['energy/total_pj_per_image']:.4g} pJ/image ({report.dominant()} dominates), "
+          f"latency {m['latency/ns_per_image']:.4g} ns/image, {m['energy/tops_per_w']:.3g} TOPS/W", flush=True)
 
 
 # ------------------------------------------------------------------ helpers

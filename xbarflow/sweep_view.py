@@ -75,4 +75,4 @@ def html_table(rows: List[Dict[str, Any]]) -> str:
              "table.sweep th,table.sweep td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}"
              "table.sweep th{background:#f4f4f4}</style>")
     return f"<!DOCTYPE html><html><head><meta charset='utf-8'>{style}</head><body>" \
-           f"<p>Sweep summary (accuracy in %)</p>{table}</body></html>\n"
+           f"<p>Sweep summary (accuracy in %, energy in pJ per image)</p>{table}</body></html>\n"

@@ -449,7 +449,8 @@ def solve(G: torch.Tensor, V: torch.Tensor, *, r_source: float, r_sink: float, r
     return V @ T
 
 
-def transfer_columns_merged(G: torch.Tensor, copies: int, *, r_source: float, r_sink: float) -> torch.Tensor:
+def transfer_columns_merged(G: torch.Tensor, copies: int, *, r_source: float, r_sink: float,
+                            keep_merged: bool = False) -> torch.Tensor:
     """Transfer matrix of tiles whose last ``copies`` columns are identical, given one of them (no input checks).
 
     Identical columns sit at one voltage (the circuit is symmetric in them), so they act
@@ -464,11 +465,13 @@ def transfer_columns_merged(G: torch.Tensor, copies: int, *, r_source: float, r_
             whose currents are wanted, then one of the ``copies`` identical columns.
         copies: how many identical columns the last one stands for (``>= 1``).
         r_source, r_sink: resistances in ohm (``>= 0``; no wire resistance).
+        keep_merged: also return the merged column's transfer: that of each one of the
+            identical columns.
 
     Returns:
-        ``(..., rows, used)`` in siemens: the used columns of the whole tile's
-        ``transfer_matrix``. Exact; differentiable in G (the last column's gradient is
-        that of all ``copies`` columns moved together).
+        ``(..., rows, used)`` in siemens (``used + 1`` with ``keep_merged``): the used columns of
+        the whole tile's ``transfer_matrix``. Exact; differentiable in G (the last column's
+        gradient is that of all ``copies`` columns moved together).
     """
     used = G.shape[-1] - 1
     assert used >= 1 and copies >= 1
@@ -481,7 +484,7 @@ def transfer_columns_merged(G: torch.Tensor, copies: int, *, r_source: float, r_
         T = _TransferCols.apply(G_red.double(), r_source, r_sink, sink_weight.double()).to(G.dtype)
     else:
         T = _TransferCols.apply(G_red, r_source, r_sink, sink_weight)
-    return T[..., :used]
+    return T if keep_merged else T[..., :used]
 
 
 # ---------------------------------------------------------------------------

@@ -49,16 +49,19 @@ both columns of a pair) the energy of a read is ``t_read sum_r V_r^T Y_r V_r``. 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .circuit import check_conductance, check_resistance, transfer_matrix
-from .effective import device_conductances
+from .circuit import check_conductance, check_resistance, transfer_columns_merged, transfer_matrix
+from .effective import _low_rank_ok, _merges_padding, device_conductances
+from .mapping import deinterleave_difference
 from .spec import CrossbarSpec
+from .tiling import from_tiles
 from .variation import Chip
 
-__all__ = ["source_admittance", "read_power", "layer_admittance", "second_moments", "array_energy"]
+__all__ = ["source_admittance", "read_power", "layer_admittance", "layer_read_model", "ReadModel", "second_moments",
+           "array_energy"]
 
 
 def source_admittance(G: torch.Tensor, *, r_source: float, r_sink: float, r_wire: float = 0.0) -> torch.Tensor:
@@ -121,13 +124,108 @@ def layer_admittance(W: torch.Tensor, spec: CrossbarSpec, chip: Optional[Chip] =
         ``Y_r = sum over the grid row's tiles (and over G+ and G- for separate arrays)``: the
         energy of a read with tile-row voltages ``V_r`` is ``t_read sum_r V_r^T Y_r V_r``.
     """
+    return layer_read_model(W, spec, chip, name).admittance
+
+
+class ReadModel(NamedTuple):
+    """A layer's effective weight and admittances from one solve of its tiles (:func:`layer_read_model`)."""
+
+    weight: torch.Tensor       # W_eff, (fan_in, fan_out)
+    admittance: torch.Tensor   # Y_r per grid row, (n_r, rows, rows), siemens
+    exact: bool                # weight is bitwise what effective.effective_weight gives (the same solves)
+
+
+def layer_read_model(W: torch.Tensor, spec: CrossbarSpec, chip: Optional[Chip] = None, name: str = "") -> ReadModel:
+    """The layer's effective weight and its grid rows' admittances from one solve of every tile.
+
+    Every tile's transfer matrix T is needed for both, so the energy of a layer costs one solve
+    of its circuit, which also gives the effective weight. The tiles are solved as
+    :func:`.effective.effective_weight` solves them wherever that gives every column of T (a
+    narrow layer's identical padded columns merged into one, the other tile columns in one
+    call): there the weight is bitwise the same (``exact``), and a layer may keep it as its
+    effective weight. With wire resistance, Y and T both come from the nested dissection
+    (the effective weight may use the sweep), and a padded last tile column that the effective
+    weight solves by its low-rank path is solved whole here: equal up to rounding, not exact.
+
+    Returns:
+        :class:`ReadModel`: ``(fan_in, fan_out)`` (see :func:`.effective.effective_weight`, at read 0
+        of a chip) and ``(n_r, rows, rows)`` in siemens (see :func:`layer_admittance`). No gradient.
+    """
+    fan_in, fan_out = W.shape
+    W = W.detach()
+    out_cols = 2 * fan_out if spec.mapping == "interleaved" else fan_out
     with torch.no_grad():
-        G, _ = device_conductances(W.detach(), spec, chip, name)
-        Y = source_admittance(G, r_source=spec.r_source, r_sink=spec.r_sink, r_wire=spec.r_wire)
-        Y = Y.sum(-3)                      # tiles of one grid row share their inputs
-        if spec.mapping != "interleaved":
-            Y = Y.sum(0)                   # G+ and G- arrays
-        return Y
+        if chip is None and out_cols < spec.cols and _merges_padding(spec, out_cols):
+            # one tile column whose padded columns (all g_min) are identical: merged into one, as the
+            # effective weight does (transfer_columns_merged); its transfer stands for all of them
+            G, k = device_conductances(W, spec, None, name, cols=out_cols + 1)
+            G = G.unsqueeze(0) if spec.mapping == "interleaved" else G
+            check_conductance("G", G)
+            T, Y = _merged(G, spec.cols - out_cols, spec)
+            exact = True
+        else:
+            G, k = device_conductances(W, spec, chip, name)
+            G = G.unsqueeze(0) if spec.mapping == "interleaved" else G     # (arrays, n_r, n_c, rows, cols)
+            check_conductance("G", G)
+            n_c, cols = G.shape[2], G.shape[4]
+            used = out_cols - (n_c - 1) * cols                                # columns of the last tile column
+            if spec.r_wire > 0.0:
+                from .wire_nd import transfer_and_admittance_wire_nd
+
+                T, Y = transfer_and_admittance_wire_nd(G, r_source=spec.r_source, r_sink=spec.r_sink,
+                                                       r_wire=spec.r_wire)
+                Y = Y.sum((0, 2))          # over the arrays (G+, G-) and the tiles of a grid row
+                exact = False
+            elif chip is None and 4 * used <= cols and _merges_padding(spec, used):
+                # as effective._tiles_transfer: the last tile column merged, the others in one call
+                G_last = G[:, :, n_c - 1:, :, :used + 1]
+                check_conductance("G", G_last)
+                T_last, Y = _merged(G_last, cols - used, spec)
+                T = transfer_matrix(G[:, :, :n_c - 1], r_source=spec.r_source, r_sink=spec.r_sink)
+                Y = Y + _rows_admittance(G[:, :, :n_c - 1], T, G[:, :, :n_c - 1].sum(-1), spec)
+                T = torch.cat((T, torch.nn.functional.pad(T_last, (0, cols - used))), dim=2)
+                exact = True
+            else:
+                T = transfer_matrix(G, r_source=spec.r_source, r_sink=spec.r_sink)
+                Y = _rows_admittance(G, T, G.sum(-1), spec)
+                # effective_weight solves only the used columns of a narrow last tile column
+                # where its low-rank path applies
+                exact = 4 * used > cols or not _low_rank_ok(spec)
+        if spec.mapping == "interleaved":
+            W_eff = deinterleave_difference(from_tiles(T[0], fan_in, out_cols)) / k
+        else:
+            W_eff = from_tiles(T[0] - T[1], fan_in, fan_out) / k
+        return ReadModel(W_eff, Y, exact)
+
+
+def _merged(G: torch.Tensor, copies: int, spec: CrossbarSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(T of the used columns, Y)`` of tiles ``(arrays, n_r, 1, rows, used + 1)`` whose last column
+    stands for ``copies`` identical ones (:func:`.circuit.transfer_columns_merged`)."""
+    T = transfer_columns_merged(G, copies, r_source=spec.r_source, r_sink=spec.r_sink, keep_merged=True)
+    # the merged column as the circuit sees it: copies x the conductances of one of them
+    G_red = torch.cat((G[..., :-1], G[..., -1:] * copies), dim=-1)
+    return T[..., :-1], _rows_admittance(G_red, T, G_red.sum(-1), spec)
+
+
+def _rows_admittance(G: torch.Tensor, T: torch.Tensor, r: torch.Tensor, spec: CrossbarSpec) -> torch.Tensor:
+    """``Y_r = sum over arrays and tiles of diag(a r) - r_sink T (aG)^T`` without wire, ``(n_r, rows, rows)``.
+
+    ``G`` and ``T``: ``(arrays, n_r, n_c, rows, K)``; ``r``: the tiles' row sums. A merged column of
+    ``m`` identical ones enters with ``m`` times their conductances in G and the transfer of one of
+    them in T (their terms of the sum are equal). The sum of the products is one product with the
+    tiles side by side (inner size arrays x n_c x K).
+    """
+    n_r, rows = G.shape[1], G.shape[3]
+    a = 1.0 / (1.0 + spec.r_source * r)
+    Y = torch.diag_embed((a * r).sum((0, 2)))
+    if spec.r_sink > 0.0:
+        aG = a.unsqueeze(-1) * G
+
+        def side_by_side(X: torch.Tensor) -> torch.Tensor:   # (arrays, n_r, n_c, rows, K) -> (n_r, rows, .)
+            return X.permute(1, 3, 0, 2, 4).reshape(n_r, rows, -1)
+
+        Y.baddbmm_(side_by_side(T), side_by_side(aG).mT, alpha=-spec.r_sink)
+    return Y
 
 
 def second_moments(V: torch.Tensor, rows: int) -> torch.Tensor:

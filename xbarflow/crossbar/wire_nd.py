@@ -100,7 +100,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["transfer_matrix_wire_nd", "source_admittance_wire_nd", "merge_schedule"]
+__all__ = ["transfer_matrix_wire_nd", "source_admittance_wire_nd", "transfer_and_admittance_wire_nd", "merge_schedule"]
 
 
 @dataclass(frozen=True)
@@ -560,7 +560,15 @@ def transfer_matrix_wire_nd(G: torch.Tensor, *, r_source: float, r_sink: float, 
 
 
 def source_admittance_wire_nd(G: torch.Tensor, *, r_source: float, r_sink: float, r_wire: float) -> torch.Tensor:
-    """The rows' driving-point admittance Y of tiles with resistive wires (``J = Y V``), no gradient.
+    """The rows' driving-point admittance Y of tiles with resistive wires (``J = Y V``), no gradient;
+    see :func:`transfer_and_admittance_wire_nd`."""
+    return transfer_and_admittance_wire_nd(G, r_source=r_source, r_sink=r_sink, r_wire=r_wire)[1]
+
+
+def transfer_and_admittance_wire_nd(G: torch.Tensor, *, r_source: float, r_sink: float,
+                                    r_wire: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transfer matrix T and the rows' driving-point admittance Y of tiles with resistive wires,
+    from one elimination (no gradient).
 
     ``J_i`` is the current that source i pushes through ``r_source`` when the sources hold ``V``
     and the neurons hold their inputs at 0 V (``shared/docs/crossbar-model.md`` section 10).
@@ -584,7 +592,8 @@ def source_admittance_wire_nd(G: torch.Tensor, *, r_source: float, r_sink: float
         r_wire: ohm, ``> 0``.
 
     Returns:
-        Y in siemens, ``(..., rows, rows)``, dtype of G.
+        ``(T, Y)`` in siemens, ``(..., rows, cols)`` and ``(..., rows, rows)``, dtype of G: T as
+        :func:`transfer_matrix_wire_nd` gives it (``I = V @ T``), Y with ``J = Y V``.
     """
     if not math.isfinite(float(r_wire)) or float(r_wire) <= 0.0:
         raise ValueError(f"r_wire must be a finite resistance > 0 ohm for a wire solver (got {float(r_wire)})")
@@ -615,4 +624,5 @@ def source_admittance_wire_nd(G: torch.Tensor, *, r_source: float, r_sink: float
         Y = -WL[:, :, plan.src]
         Y.diagonal(dim1=-2, dim2=-1).copy_(WL.sum(-1))
         Y = Y[:, plan.rp - rows:, plan.rp - rows:]
-    return Y.reshape(*batch, rows, rows)
+        T = WL[:, plan.rp - rows:, plan.snk][:, :, :cols]
+    return T.reshape(*batch, rows, cols), Y.reshape(*batch, rows, rows)

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from ..crossbar.effective import outputs_per_tile
-from ..crossbar.energy import array_energy, layer_admittance, second_moments
+from ..crossbar.energy import ReadModel, array_energy, layer_read_model, second_moments
 from ..crossbar.tiling import grid_shape
 from ..crossbar.variation import Chip
 from .convert import xbar_layers, xbar_mode
@@ -240,20 +240,61 @@ class EnergyReport:
         return "\n".join(lines)
 
 
-# Y per layer: recomputed when the weight, the arrays or the chip change (like the effective weight)
-_ADMITTANCE: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+# (W_eff, Y) per layer: recomputed when the weight, the arrays or the chip change (like the effective weight)
+_READ_MODEL: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, ReadModel]]" = weakref.WeakKeyDictionary()
+
+
+def _weight_key(layer: _XbarMixin, chip: Optional[Chip]) -> tuple:
+    """What the effective weight of ``layer`` depends on: the key of the layer's own cache
+    (:meth:`~xbarflow.nn.layers._XbarMixin.effective_weight_matrix`)."""
+    w = layer.weight
+    return (w._version, w.data_ptr(), w.dtype, w.device, layer.spec, chip)
+
+
+def read_model(layer: _XbarMixin, chip: Optional[Chip] = None) -> ReadModel:
+    """The layer's effective weight and ``Y_r`` per grid row (:func:`~xbarflow.crossbar.energy.layer_read_model`,
+    one solve of its tiles), cached per weight, spec and chip."""
+    key = _weight_key(layer, chip)
+    hit = _READ_MODEL.get(layer)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = layer_read_model(layer._weight_matrix(), layer.spec, chip, layer.xbar_name)
+    _READ_MODEL[layer] = (key, value)
+    return value
 
 
 def admittance(layer: _XbarMixin, chip: Optional[Chip] = None) -> torch.Tensor:
-    """The layer's ``Y_r`` per grid row, ``(n_r, rows, rows)`` (S), cached per weight, spec and chip."""
-    w = layer.weight
-    key = (w._version, w.data_ptr(), w.dtype, w.device, layer.spec, chip)
-    hit = _ADMITTANCE.get(layer)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    Y = layer_admittance(layer._weight_matrix(), layer.spec, chip, layer.xbar_name)
-    _ADMITTANCE[layer] = (key, Y)
-    return Y
+    """The layer's ``Y_r`` per grid row, ``(n_r, rows, rows)`` (S), cached (:func:`read_model`)."""
+    return read_model(layer, chip).admittance
+
+
+@contextmanager
+def _solved_once(layers: List[_XbarMixin], chip: Optional[Chip]) -> Iterator[None]:
+    """The layers go through the effective weights that came with their Y (:func:`read_model`): the
+    pass that collects their inputs solves no circuit again.
+
+    Where that weight is bitwise the layer's own (``exact``, nominal devices), it goes into the
+    layer's cache, and stays there: a nominal evaluation that follows reuses it (the layer would
+    have computed the same bits). Elsewhere it shadows the layer's method during the pass only.
+    """
+    shadowed = []
+    for layer in layers:
+        model = read_model(layer, chip)
+        if chip is None and model.exact and not layer._training_through_circuit():
+            layer._cache_key = _weight_key(layer, None)
+            layer._cache_weight = model.weight
+        else:
+            layer.__dict__["effective_weight_matrix"] = _constant(model.weight)   # shadows the method
+            shadowed.append(layer)
+    try:
+        yield
+    finally:
+        for layer in shadowed:
+            layer.__dict__.pop("effective_weight_matrix", None)
+
+
+def _constant(W: torch.Tensor):
+    return lambda: W
 
 
 class _Moments:
@@ -345,7 +386,9 @@ def measure_energy(model: nn.Module, batches: Iterable[torch.Tensor], params: En
     model.eval()
     images = 0
     try:
-        with xbar_mode(model, "chip" if chip is not None else "nominal", chip), collect_moments(model) as found:
+        xbars = list(xbar_layers(model))
+        with xbar_mode(model, "chip" if chip is not None else "nominal", chip), _solved_once(xbars, chip), \
+                collect_moments(model) as found:
             for x in batches:
                 model(x)
                 images += x.shape[0]

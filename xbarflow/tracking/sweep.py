@@ -18,6 +18,8 @@ from .store import TrackingStoreError, _reason, client_for, experiment_id, track
 PARENT_FILE = "mlflow_parent.json"
 FAILURES_FILE = "failed_jobs.jsonl"
 SECTION8 = ("test/acc_software", "test/acc_xbar_nominal", "test/acc_xbar_mean", "test/acc_xbar_std", "test/acc_xbar_min")
+# further columns of the summary: the energy per image of the crossbar layers (model note, section 10)
+SUMMARY_EXTRA = ("energy/total_pj_per_image",)
 
 
 def parent_run_id(sweep_dir: str) -> Optional[str]:
@@ -51,7 +53,7 @@ def _parse_overrides(text: str) -> Dict[str, str]:
 
 
 def sweep_table(client, parent_id: str, sweep_dir: Optional[str] = None) -> List[Dict[str, Any]]:
-    """One row per job: its number, status, swept values and section-8 accuracies.
+    """One row per job: its number, status, swept values, section-8 accuracies and energy per image.
 
     Jobs rejected before they created a run (bad values) come from the sweep's failure list.
     """
@@ -62,7 +64,7 @@ def sweep_table(client, parent_id: str, sweep_dir: Optional[str] = None) -> List
     for r in runs:
         row: Dict[str, Any] = {"job": int(r.data.tags.get("job_num", -1)), "status": r.info.status}
         row.update(_parse_overrides(r.data.tags.get("overrides", "")))
-        for m in SECTION8:
+        for m in SECTION8 + SUMMARY_EXTRA:
             row[m] = r.data.metrics.get(m, float("nan"))
         if r.info.status == "FAILED":
             row["error"] = r.data.tags.get("error", "")[:80]
@@ -71,13 +73,13 @@ def sweep_table(client, parent_id: str, sweep_dir: Optional[str] = None) -> List
     for f in recorded_failures(sweep_dir) if sweep_dir else []:
         if f["job"] not in seen:
             row = {"job": f["job"], "status": "REJECTED", **_parse_overrides(f["overrides"])}
-            row.update({m: float("nan") for m in SECTION8})
+            row.update({m: float("nan") for m in SECTION8 + SUMMARY_EXTRA})
             row["error"] = f["error"][:80]
             rows.append(row)
     rows.sort(key=lambda r: r["job"])
     # keep only the overrides that differ between jobs: those are the swept parameters
     fixed = [k for k in {k for r in rows for k in r} if k not in ("job", "status", "error")
-             and not k.startswith("test/") and len({str(r.get(k)) for r in rows}) == 1]
+             and not k.startswith("test/") and k not in SUMMARY_EXTRA and len({str(r.get(k)) for r in rows}) == 1]
     if len(rows) > 1:
         for r in rows:
             for k in fixed:
@@ -110,7 +112,8 @@ def sweep_figure(rows: List[Dict[str, Any]]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    swept = [k for k in rows[0] if k not in ("job", "status", "error") and not k.startswith("test/")] if rows else []
+    swept = [k for k in rows[0] if k not in ("job", "status", "error", *SUMMARY_EXTRA)
+             and not k.startswith("test/")] if rows else []
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if not swept:
         ax.text(0.5, 0.5, "no swept parameter", ha="center")
@@ -193,7 +196,7 @@ class MlflowSweepCallback(Callback):
                   f"python scripts/upload_run.py {sweep_dir}/*/ sends them and the sweep's summary",
                   file=sys.stderr, flush=True)
             sys.exit(1)
-        print("\nSweep summary (accuracy in %):\n" + format_table(rows), flush=True)
+        print("\nSweep summary (accuracy in %, energy in pJ per image):\n" + format_table(rows), flush=True)
         redact_files(sweep_dir, "multirun.yaml")
         if failed:
             print(f"error: {failed} of {len(rows)} jobs failed (see the table above)", file=sys.stderr, flush=True)
@@ -218,7 +221,8 @@ def finish_sweep(client, parent_id: str, sweep_dir: Path):
         client.log_text(parent_id, html_table(rows), "sweep_summary.html")
     # the run page's description: the comparison is the first thing a user sees
     client.set_tag(parent_id, "mlflow.note.content",
-                   "Sweep summary (accuracy in %), one child run per row; figure: sweep_accuracy.png\n\n" + table)
+                   "Sweep summary (accuracy in %, energy in pJ per image), one child run per row; "
+                   "figure: sweep_accuracy.png\n\n" + table)
     csv = io.StringIO()
     cols: List[str] = []
     for r in rows:
