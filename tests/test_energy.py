@@ -412,3 +412,49 @@ def test_the_energy_pass_leaves_the_layers_as_they_were(monkeypatch, r_wire):
     with torch.no_grad():
         y = net(x)
     assert torch.equal(y, ref) if r_wire == 0.0 else torch.allclose(y, ref, rtol=1e-10)
+
+
+def test_ibm_like_layer_within_a_factor_3_of_the_published_chip():
+    # Le Gallo et al., Nature Electronics 2023: 9.76 TOPS/W (one-phase), 2.48 TOPS/W (four-phase) at
+    # 8-bit in/out on 256x256 PCM cores; the IBM-like layer and its assumptions: scripts/validate_energy_ibm.py
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "validate_energy_ibm.py"
+    spec = importlib.util.spec_from_file_location("validate_energy_ibm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    r = module.ibm_like_layer()
+    for mode in ("one_phase", "four_phase"):
+        assert 1 / 3 <= r[f"{mode}_vs_published"] <= 3, r
+    assert r["dominant"] == "adc" and r["t_read_s"] == 1.3e-7, r
+
+
+@pytest.mark.parametrize("override,message", [
+    ("hardware.t_read=0", "hardware.t_read must be > 0.0 (got 0.0)"),
+    ("hardware.t_read=2.0", "hardware.t_read must be <= 1.0 (got 2.0)"),
+    ("energy.adc_fom_j=-1e-14", "energy.adc_fom_j must be >= 0.0 (got -1e-14)"),
+    ("energy.columns_per_adc=0", "energy.columns_per_adc must be >= 1 (got 0)"),
+    ("energy.tiles=diagonal", "energy.tiles must be one of parallel, sequential (got 'diagonal')"),
+    ("energy.samples=0", "energy.samples must be >= 1 (got 0)"),
+])
+def test_energy_numbers_are_range_checked(override, message):
+    from conftest import compose
+
+    from xbarflow.config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose([override]))
+    assert str(e.value) == message
+
+
+def test_every_technology_gives_its_read_pulse():
+    from conftest import compose
+
+    from xbarflow.config import validate
+    from xbarflow.hardware import energy_params
+
+    pulses = {hw: energy_params(validate(compose([f"hardware={hw}"]))).t_read for hw in ("rram", "pcm", "mram", "ideal")}
+    assert pulses == {"rram": 1e-7, "pcm": 1.3e-7, "mram": 1e-8, "ideal": 1e-7}
+    p = energy_params(validate(compose(["xbar.adc_bits=6"])))
+    assert p.adc_bits == 6 and p.adc_energy_j == pytest.approx(p.adc_fom_j * 64)

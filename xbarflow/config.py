@@ -246,7 +246,7 @@ class EnergyConfig:
     """
     enabled: bool = True                         # measure (on the nominal crossbar) and log energy/* and latency/*
     samples: int = rf(256, ge=1)                 # first test images, one pass: the layers' input statistics
-    adc_fom_j: float = rf(1.0e-14, ge=0.0)       # J, ADC Walden figure of merit per conversion step (E = FOM 2^bits)
+    adc_fom_j: float = rf(5.0e-14, ge=0.0)       # J, ADC Walden figure of merit per conversion step (E = FOM 2^bits)
     dac_energy_j: float = rf(3.1e-12, ge=0.0)    # J, per DAC conversion (one driven row, one read)
     digital_add_j: float = rf(9.0e-13, ge=0.0)   # J, per digital addition (partial sums, bias)
     digital_mult_j: float = rf(3.7e-12, ge=0.0)  # J, per digital multiplication (column gain)
