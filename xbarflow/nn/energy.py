@@ -268,33 +268,17 @@ def admittance(layer: _XbarMixin, chip: Optional[Chip] = None) -> torch.Tensor:
     return read_model(layer, chip).admittance
 
 
-@contextmanager
-def _solved_once(layers: List[_XbarMixin], chip: Optional[Chip]) -> Iterator[None]:
-    """The layers go through the effective weights that came with their Y (:func:`read_model`): the
-    pass that collects their inputs solves no circuit again.
-
-    Where that weight is bitwise the layer's own (``exact``, nominal devices), it goes into the
-    layer's cache, and stays there: a nominal evaluation that follows reuses it (the layer would
-    have computed the same bits). Elsewhere it shadows the layer's method during the pass only.
-    """
-    shadowed = []
+def _keep_solved_weights(layers: List[_XbarMixin], chip: Optional[Chip]) -> None:
+    """Where the effective weight that came with a layer's Y (:func:`read_model`) is bitwise the
+    layer's own (``exact``, nominal devices), it goes into the layer's cache: the pass that collects
+    the inputs, and a nominal evaluation that follows, solve no circuit again (the layer would have
+    computed the same bits). Elsewhere the layer computes its weight as usual (cached by the layer:
+    still shared with a nominal evaluation that follows)."""
     for layer in layers:
         model = read_model(layer, chip)
         if chip is None and model.exact and not layer._training_through_circuit():
             layer._cache_key = _weight_key(layer, None)
             layer._cache_weight = model.weight
-        else:
-            layer.__dict__["effective_weight_matrix"] = _constant(model.weight)   # shadows the method
-            shadowed.append(layer)
-    try:
-        yield
-    finally:
-        for layer in shadowed:
-            layer.__dict__.pop("effective_weight_matrix", None)
-
-
-def _constant(W: torch.Tensor):
-    return lambda: W
 
 
 class _Moments:
@@ -387,8 +371,8 @@ def measure_energy(model: nn.Module, batches: Iterable[torch.Tensor], params: En
     images = 0
     try:
         xbars = list(xbar_layers(model))
-        with xbar_mode(model, "chip" if chip is not None else "nominal", chip), _solved_once(xbars, chip), \
-                collect_moments(model) as found:
+        _keep_solved_weights(xbars, chip)
+        with xbar_mode(model, "chip" if chip is not None else "nominal", chip), collect_moments(model) as found:
             for x in batches:
                 model(x)
                 images += x.shape[0]
