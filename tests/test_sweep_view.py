@@ -15,6 +15,25 @@ def test_child_name_keeps_only_the_swept_values_in_sweep_order():
     assert child_name("dataset=digits", ["xbar"]) == "dataset=digits"  # nothing swept found: all of it
 
 
+def test_a_lost_store_leaves_a_sweep_job_unnamed_not_failed(capsys):
+    """The server lost just after a sweep job created its run (found by the PostgreSQL kill test:
+    every job of the sweep failed here): the job keeps its default name and goes on."""
+    from mlflow.exceptions import MlflowException
+
+    from xbarflow.sweep_view import name_child
+
+    class DeadStore:
+        def get_run(self, run_id):
+            raise MlflowException("API request to http://alice:secret@host/api/2.0/mlflow/runs/get failed")
+
+        def set_tag(self, *args):
+            raise AssertionError("nothing to rename without the parent's tags")
+
+    name_child(DeadStore(), "child", "parent", "seed=1")
+    err = capsys.readouterr().err
+    assert err.startswith("warning: sweep job not renamed") and "secret" not in err
+
+
 def test_html_table_renders_every_row_and_column():
     rows = [{"job": 0, "status": "FINISHED", "xbar": "{size:16}", "test/acc_xbar_mean": 91.234},
             {"job": 1, "status": "FAILED", "xbar": "{size:32}", "test/acc_xbar_mean": float("nan")}]

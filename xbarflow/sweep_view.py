@@ -58,10 +58,23 @@ def child_name(overrides: str, keys: List[str]) -> str:
 
 
 def name_child(client, run_id: str, parent_run_id: str, overrides: str) -> None:
-    """Rename a sweep's job after its swept values (the parent's ``swept`` tag)."""
-    keys = json.loads(client.get_run(parent_run_id).data.tags.get(SWEPT_TAG, "[]"))
-    if keys:
-        client.set_tag(run_id, "mlflow.runName", child_name(overrides, keys))
+    """Rename a sweep's job after its swept values (the parent's ``swept`` tag).
+
+    A name is no result: when the store fails here (a server lost just after the job created its
+    run), the job keeps its default name and goes on; its run record notices the lost store at its
+    next call and keeps everything on disk for ``scripts/upload_run.py``.
+    """
+    import sys
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        keys = json.loads(client.get_run(parent_run_id).data.tags.get(SWEPT_TAG, "[]"))
+        if keys:
+            client.set_tag(run_id, "mlflow.runName", child_name(overrides, keys))
+    except (MlflowException, OSError) as e:  # the message (a URL) is not shown: it could carry a password
+        print(f"warning: sweep job not renamed after its swept values (the tracking store did not answer: "
+              f"{type(e).__name__})", file=sys.stderr, flush=True)
 
 
 def html_table(rows: List[Dict[str, Any]]) -> str:
