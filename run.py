@@ -33,7 +33,9 @@ def _refuse(error: Exception, hc, multirun: bool) -> float:
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     from xbarflow import tracking
+    from xbarflow.runtime import quiet_known_noise
 
+    quiet_known_noise()  # here, in every job: a sweep's jobs may run in other processes
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     if hc.output_subdir:  # Hydra's copy of the config and overrides: no credentials on disk either

@@ -244,7 +244,9 @@ def build_trainer(typed: Config, cfg: DictConfig, run: "tracking.TrackedRun"):
     """A Lightning Trainer that logs to the run and checkpoints every epoch into its folder."""
     import hydra.utils
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from .training.checkpoints import InterruptedCheckpoint
 
     tc = typed.trainer
     logger = tracking.record_logger(run.record)  # training metrics survive a lost tracking server
@@ -252,8 +254,10 @@ def build_trainer(typed: Config, cfg: DictConfig, run: "tracking.TrackedRun"):
         # save_top_k=1 without a monitor keeps the newest epoch; Lightning writes last.ckpt only
         # alongside a top-k save
         ModelCheckpoint(dirpath=run.ckpt_dir, filename="epoch{epoch}", save_last=True, save_top_k=1, every_n_epochs=1),
-        # SIGTERM (SLURM pre-emption) and Ctrl-C: keep the interrupted state for inspection
-        OnExceptionCheckpoint(dirpath=str(run.ckpt_dir), filename="interrupted"),
+        # SIGTERM (SLURM pre-emption) and Ctrl-C: keep the interrupted state for inspection (not
+        # Lightning's OnExceptionCheckpoint: with it, fit(ckpt_path=None) resumes from the folder's
+        # newest checkpoint; resuming is resume=true's, from run.resume_ckpt)
+        InterruptedCheckpoint(dirpath=str(run.ckpt_dir), filename="interrupted"),
         *[hydra.utils.instantiate(c) for c in cfg.trainer.callbacks],
     ]
     return pl.Trainer(

@@ -8,7 +8,7 @@ import ctypes
 import os
 import sys
 
-__all__ = ["tune_allocator", "memory_limit_bytes"]
+__all__ = ["tune_allocator", "memory_limit_bytes", "quiet_known_noise"]
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -40,6 +40,37 @@ def tune_allocator() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(_M_MMAP_THRESHOLD, 256 * 1024 ** 2)) and bool(mallopt(_M_TRIM_THRESHOLD, 1024 ** 3))
+
+
+# Lightning's rank-zero info lines (device summary, the litlogger tip, "`Trainer.fit` stopped") all
+# go through this one logger; its warnings go through the warnings module, not here.
+LIGHTNING_INFO_LOGGER = "pytorch_lightning.utilities.rank_zero"
+# torch 2.14 deprecates LeafSpec; Lightning 2.6 still builds one on every fit, in this module
+_PYTREE_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+_PYTREE_MODULE = r"pytorch_lightning\.utilities\._pytree\Z"
+
+
+def quiet_known_noise() -> None:
+    """Silence the known console noise of the libraries underneath a run, each at its source, and
+    nothing else.
+
+    - Lightning's info lines (``GPU available: False, used: False``, ``TPU available: ...``,
+      ``💡 Tip: ... try installing litlogger``, which it prints whenever no LitLogger is
+      configured and has no switch for, and ``Trainer.fit stopped: max_epochs reached``): its
+      rank-zero logger is set to WARNING. Lightning's warnings are not logged there and still show.
+    - torch's FutureWarning ``isinstance(treespec, LeafSpec) is deprecated``, which Lightning's
+      own ``pytorch_lightning/utilities/_pytree.py`` triggers on every fit and no argument avoids:
+      ignored for that message from that module only.
+
+    Lightning's two warnings about ``fit(ckpt_path=None)`` are not filtered: they are avoided by
+    the trainer's callbacks (:class:`xbarflow.training.checkpoints.InterruptedCheckpoint`).
+    Cheap (imports neither torch nor Lightning) and idempotent; ``run.py`` calls it in every job.
+    """
+    import logging
+    import warnings
+
+    logging.getLogger(LIGHTNING_INFO_LOGGER).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=_PYTREE_DEPRECATION, category=FutureWarning, module=_PYTREE_MODULE)
 
 
 def memory_limit_bytes(accelerator: str = "cpu") -> float:

@@ -41,6 +41,7 @@ from .store import (
     mark_terminated,
     supported_schemes,
     tracking_uri,
+    where_to_look,
 )
 from .sweep import (
     FAILURES_FILE,
@@ -63,7 +64,7 @@ __all__ = [
     "redacted_stdout",
     # store
     "TrackingStoreError", "check_store", "client_for", "experiment_id", "log_metrics", "log_params",
-    "mark_terminated", "supported_schemes", "tracking_uri",
+    "mark_terminated", "supported_schemes", "tracking_uri", "where_to_look",
     # record
     "OFFLINE_DIR", "RunRecord", "record_logger",
     # run

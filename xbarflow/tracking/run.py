@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from .record import OFFLINE_DIR, RunRecord
 from .redaction import config_yaml, redact
-from .store import client_for, tracking_uri
+from .store import client_for, tracking_uri, where_to_look
 
 
 def flatten(d: Any, prefix: str = "") -> Dict[str, str]:
@@ -78,7 +78,7 @@ def open_run(typed, cfg: DictConfig, *, output_dir: str, start_dir: Optional[str
     ``resume=true`` the run recorded in ``<output_dir>/mlflow_run.json`` continues from
     ``checkpoints/last.ckpt`` (the last epoch boundary: mid-epoch state cannot be restored
     exactly with plain dataloaders). On exit the run is FINISHED, FAILED (error kept as a tag)
-    or KILLED (interrupt, SIGTERM).
+    or KILLED (interrupt, SIGTERM), and one line says where to see it (:func:`where_to_look`).
     """
     out = Path(output_dir)
     run_file = out / "mlflow_run.json"
@@ -129,6 +129,20 @@ def open_run(typed, cfg: DictConfig, *, output_dir: str, start_dir: Optional[str
         raise
     finally:
         record.terminate(exc)
+        if not record.offline:  # else terminate has said where the run is kept and how to upload it
+            print(where_to_look(uri, typed.logger.experiment_name, record.run_id,
+                                experiment=_experiment_of(record)), flush=True)
+
+
+def _experiment_of(record: RunRecord) -> Optional[str]:
+    """The run's experiment id, for a link to a tracking server's page (None for other stores, or
+    when the server does not answer)."""
+    if not record.uri.startswith(("http://", "https://")):
+        return None
+    try:
+        return record.client.get_run(record.run_id).info.experiment_id
+    except Exception:
+        return None
 
 
 def log_figure(record: "RunRecord", fig, path: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -132,6 +133,21 @@ def client_for(uri: str):
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return client
+
+
+def where_to_look(uri: str, experiment_name: str, run_id: str, kind: str = "run",
+                  experiment: Optional[str] = None) -> str:
+    """One line saying where to see a run (or a sweep's parent run), its URI redacted.
+
+    A tracking server: the run's page there (``experiment``: the experiment's id, for a direct
+    link). Any other store (SQLite, a folder, a database): the ``mlflow ui`` command that shows it.
+    """
+    shown = redact(uri)
+    if urlsplit(uri).scheme in ("http", "https"):
+        page = f"{shown.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}" if experiment else shown
+        return f"{kind} {run_id} in experiment '{experiment_name}': {page}"
+    return (f"{kind} {run_id} in experiment '{experiment_name}': mlflow ui --backend-store-uri {shlex.quote(shown)}"
+            "  (then open http://127.0.0.1:5000)")
 
 
 def experiment_id(client, name: str) -> str:

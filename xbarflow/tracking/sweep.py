@@ -13,7 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from .redaction import redact, redact_console_logs, redact_files, redacted_stdout
-from .store import TrackingStoreError, _reason, client_for, experiment_id, tracking_uri
+from .store import TrackingStoreError, _reason, client_for, experiment_id, tracking_uri, where_to_look
 
 PARENT_FILE = "mlflow_parent.json"
 FAILURES_FILE = "failed_jobs.jsonl"
@@ -178,7 +178,7 @@ class MlflowSweepCallback(Callback):
         (sweep_dir / PARENT_FILE).write_text(json.dumps({
             "run_id": run.info.run_id, "tracking_uri": redact(uri), "experiment_id": exp_id,
             "experiment_name": config.logger.experiment_name, "run_name": run_name, "tags": tags}))
-        self._client, self._run_id = client, run.info.run_id
+        self._client, self._run_id, self._experiment, self._uri = client, run.info.run_id, exp_id, uri
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         client = getattr(self, "_client", None)
@@ -197,6 +197,8 @@ class MlflowSweepCallback(Callback):
                   file=sys.stderr, flush=True)
             sys.exit(1)
         print("\nSweep summary (accuracy in %, energy in pJ per image):\n" + format_table(rows), flush=True)
+        print(where_to_look(self._uri, config.logger.experiment_name, self._run_id, kind="sweep",
+                            experiment=self._experiment), flush=True)
         redact_files(sweep_dir, "multirun.yaml")
         if failed:
             print(f"error: {failed} of {len(rows)} jobs failed (see the table above)", file=sys.stderr, flush=True)
