@@ -342,3 +342,25 @@ def test_server_stopped_mid_run_loses_nothing(workdir, tmp_path_factory):
     assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2
     assert run.data.params["training.epochs"] == "2"
     assert {"config.yaml", "chip_accuracy.png", "weights.pt"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_upload_into_the_same_run_sends_the_params_it_lacks(tmp_path, capsys):
+    """A server lost right after a job created its run (the PostgreSQL kill test found this): the
+    store's run has no params; uploading into that run sends them, and the metrics, once."""
+    from mlflow.tracking import MlflowClient
+
+    from xbarflow.tracking import RunRecord, upload_record
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    record = RunRecord.start(client, uri, tmp_path / "job" / "tracking", "lost", "job", {"training": "standard"})
+    record.offline = True  # the store went away here: everything below is kept on disk only
+    record.log_params({"seed": "3", "training.epochs": "2"})
+    record.log_metrics({"val/acc": 50.0}, step=0)
+    record.terminate(None)
+    assert client.get_run(record.run_id).data.params == {}
+    for _ in range(2):  # uploading again changes nothing
+        assert upload_record(tmp_path / "job", uri) == record.run_id
+    run = client.get_run(record.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"seed": "3", "training.epochs": "2"}
+    assert [m.value for m in client.get_metric_history(record.run_id, "val/acc")] == [50.0]

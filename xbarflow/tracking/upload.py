@@ -30,7 +30,7 @@ def upload_record(run_dir: Path, uri: str) -> str:
     """Send a run kept on disk (``<run_dir>/tracking/``) to the store at ``uri``; returns the run id there.
 
     Into the same run when the store still has it (a server that came back: only the
-    metric values it lacks are sent, so nothing is doubled), else into a new run of the
+    params and metric values it lacks are sent, so nothing is doubled), else into a new run of the
     same experiment, tagged ``uploaded_from`` with the original id (uploading again finds
     that run). A record still marked RUNNING (the process died without ending its run) is
     uploaded as KILLED.
@@ -48,6 +48,13 @@ def upload_record(run_dir: Path, uri: str) -> str:
     else:
         for k, v in info.get("tags", {}).items():
             client.set_tag(run_id, k, v)
+        # the params it lacks (a server lost right after the run was created had none of them);
+        # a param once logged cannot change, so those it has are not sent again
+        if (local / "params.json").exists():
+            stored = client.get_run(run_id).data.params
+            missing = {k: v for k, v in json.loads((local / "params.json").read_text()).items() if k not in stored}
+            if missing:
+                log_params(client, run_id, missing)
     from mlflow.entities import Metric
 
     have = {(m.key, m.step, m.timestamp) for k in client.get_run(run_id).data.metrics
