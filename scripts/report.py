@@ -7,8 +7,13 @@ Writes into ``--out``: one PNG per swept quantity (crossbar accuracy against cro
 size, resistance or variation sigma; one line per training mode, the software accuracy as
 reference, the spread over chips shaded), ``report.md`` (a table of every job) and
 ``report.json`` (the same numbers, plus the largest configuration's ``ideal_acc``,
-``standard_xbar_acc``, ``tech_aware_xbar_acc``, ``degradation`` and ``gap``, in points).
-Everything is also logged to the sweep's parent run under ``report/``.
+``standard_xbar_acc``, ``tech_aware_xbar_acc``, ``degradation`` and ``gap``, in points), and
+``accuracy_vs_energy.png``: crossbar accuracy (mean over chips, the std over chips as error
+bars) against the energy per image (``energy/total_pj_per_image``, log scale), coloured by
+training mode, marked by array size, labeled with the array (and the ADC bits where the sweep
+varies them), with each dataset's Pareto front (least energy, highest accuracy; listed in
+report.json under ``pareto``). Runs without the energy metric are left out of that figure with
+a note. Everything is also logged to the sweep's parent run under ``report/``.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from xbarflow.tracking import SECTION8, TrackingStoreError, check_store, client_for, redact  # noqa: E402
+
+ENERGY = "energy/total_pj_per_image"  # model note, section 10
 
 # The quantity a sweep varies, in order of preference, and how to read it from a run's params.
 AXES = {
@@ -135,7 +142,8 @@ def summarise(rows: List[Dict[str, Any]], axis: str) -> Dict[str, Any]:
     out["jobs"] = [
         {"dataset": r["dataset"], "x": r["x_label"], "mode": r["mode"],
          "crossbar_arrays": _int_or_none(r["params"].get("n_crossbar_arrays")),
-         **{m.replace("test/", ""): r[m] for m in SECTION8 + tuple(k for k in r if k.startswith("test/") and k not in SECTION8)}}
+         **{m.replace("test/", ""): r[m] for m in SECTION8 + tuple(k for k in r if k.startswith("test/") and k not in SECTION8)},
+         **({"energy_pj_per_image": r[ENERGY]} if isinstance(r.get(ENERGY), float) and math.isfinite(r[ENERGY]) else {})}
         for r in table
     ]
     return out
@@ -188,6 +196,102 @@ def figure(rows: List[Dict[str, Any]], axis: str, title: str):
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
+
+
+def pareto_front(points: List[tuple]) -> List[int]:
+    """Indices of the points ``(energy, accuracy)`` no other point dominates, in order of energy.
+
+    A point is dominated when another costs no more energy and is at least as accurate, and is
+    better in one of the two (cheaper, or more accurate): a point that only ties another on one
+    axis and loses on the other is off the front; two equal points are both on it."""
+    front = []
+    for i, (e, a) in enumerate(points):
+        if not any(e2 <= e and a2 >= a and (e2 < e or a2 > a) for j, (e2, a2) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+
+
+def _adc_bits(r: Dict[str, Any]) -> str:
+    return r["params"].get("xbar.adc_bits", "?")
+
+
+def energy_points(rows: List[Dict[str, Any]], axis: str):
+    """The runs that have the energy metric, the latest of each (dataset, swept value, array, ADC bits,
+    training mode), and a note on the runs without it (None when every run has it)."""
+    get = AXES[axis][1]
+    has = [r for r in rows if isinstance(r.get(ENERGY), float) and math.isfinite(r[ENERGY]) and r[ENERGY] > 0]
+    latest: Dict[Any, Dict[str, Any]] = {}
+    for r in has:  # in start order: the last one wins
+        latest[(r["dataset"], str(get(r["params"])), str(_array(r["params"])), _adc_bits(r), r["mode"])] = r
+    kept = {id(r) for r in has}
+    missing = [r for r in rows if id(r) not in kept]
+    note = None
+    if missing:
+        note = (f"accuracy_vs_energy.png: {len(missing)} of {len(rows)} runs have no {ENERGY} (logged since issue 29)"
+                " and are left out: " + ", ".join(f"{r['dataset']} {_label('array', _array(r['params']))} {r['mode']}"
+                                                 for r in missing[:8]) + (" ..." if len(missing) > 8 else ""))
+    return list(latest.values()), note
+
+
+def energy_figure(points: List[Dict[str, Any]], axis: str, title: str):
+    """Accuracy against energy per image, with each dataset's Pareto front over every configuration
+    and training mode of it (the ``--series`` values are choices on the front too); also returns the
+    fronts (``[{dataset, series, config, array, adc_bits, mode, energy_pj_per_image, acc_xbar_mean,
+    acc_xbar_std, run_id}]``)."""
+    colours = {"standard": "tab:red", "tech_aware": "tab:blue", "noise_aware": "tab:green"}
+    arrays = sorted({_array(r["params"]) for r in points}, key=lambda v: v[0] * v[1])
+    markers = dict(zip(arrays, ["o", "s", "D", "^", "v", "P", "X", "*", "h", "<", ">"] * 4, strict=False))
+    several_bits = len({_adc_bits(r) for r in points}) > 1
+
+    def task(r):
+        return r["params"].get("dataset.name", "")
+
+    def series(r):
+        return r["dataset"][len(task(r)):].lstrip("/")
+
+    tasks = sorted({task(r) for r in points}, key=lambda d: (d != "mnist5k", d))
+    several_series = len({series(r) for r in points}) > 1
+    fig, ax = plt.subplots(figsize=(9.5, 5.4))
+    fronts = []
+    for k, ds in enumerate(tasks):
+        rs = [r for r in points if task(r) == ds]
+        for r in rs:
+            c = colours.get(r["mode"], "tab:purple")
+            x, y = r[ENERGY] / 1e3, r["test/acc_xbar_mean"]
+            ax.errorbar([x], [y], yerr=[r["test/acc_xbar_std"]], fmt=markers[_array(r["params"])], color=c, ms=6,
+                        capsize=3, alpha=0.85, mfc="none" if k else c)
+            label = _label("array", _array(r["params"])) + (f", {_adc_bits(r)} b" if several_bits else "")
+            if axis != "array":
+                label += f", {_label(axis, AXES[axis][1](r['params']))}"
+            if several_series and series(r):
+                label += f", {series(r)}"
+            if len(tasks) > 1:
+                label += f" ({ds})"
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=6.5, color=c)
+        idx = pareto_front([(r[ENERGY], r["test/acc_xbar_mean"]) for r in rs])
+        on = [rs[i] for i in idx]
+        ax.plot([r[ENERGY] / 1e3 for r in on], [r["test/acc_xbar_mean"] for r in on], drawstyle="steps-post",
+                color="k", ls="-" if k == 0 else ":", lw=1.2, alpha=0.7, zorder=0,
+                label="Pareto front" + (f" ({ds})" if len(tasks) > 1 else ""))
+        fronts += [{"dataset": ds, "series": series(r), "config": _label(axis, AXES[axis][1](r["params"])),
+                    "array": _label("array", _array(r["params"])), "adc_bits": _adc_bits(r), "mode": r["mode"],
+                    "energy_pj_per_image": r[ENERGY], "acc_xbar_mean": r["test/acc_xbar_mean"],
+                    "acc_xbar_std": r["test/acc_xbar_std"], "run_id": r["run_id"]} for r in on]
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colours.get(m, "tab:purple"), marker="o", ls="", label=m)
+               for m in sorted({r["mode"] for r in points}, key=lambda m: (m != "standard", m != "tech_aware", m))]
+    handles += [Line2D([], [], color="0.4", marker=markers[a], ls="", mfc="none", label=_label("array", a)) for a in arrays]
+    handles += ax.get_legend_handles_labels()[0]
+    ax.set_xscale("log")
+    ax.margins(x=0.12)  # room for the labels of the dearest points
+    ax.set_xlabel("energy per image (nJ, crossbar layers, log scale)")
+    ax.set_ylabel("test accuracy on the crossbar (%, mean ± std over chips)")
+    ax.set_title(f"{title}: accuracy against energy")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig, fronts
 
 
 def provenance(client, parent_ids: List[str], rows: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -274,12 +378,13 @@ def main(argv=None) -> int:
         parent_ids = [p.info.run_id for p in parents]
     parent_id = parent_ids[0]  # the most recent sweep receives the report
     where = dict(w.split("=", 1) for w in args.where)
-    rows = collect(client, parent_ids, args.series, where, args.metric)
+    rows = collect(client, parent_ids, args.series, where, [*args.metric, ENERGY])
     if not rows:
         print(f"error: sweeps {parent_ids} have no finished runs", file=sys.stderr)
         return 2
     name = args.experiment or client.get_experiment(client.get_run(parent_id).info.experiment_id).name
     axis = swept_axis(rows)
+    points, energy_note = energy_points(rows, axis)
     rows = dedupe(rows, axis)
     summary = summarise(rows, axis)
     summary.update({"experiment": name, "parent_run_ids": parent_ids, "provenance": provenance(client, parent_ids, rows)})
@@ -289,13 +394,24 @@ def main(argv=None) -> int:
     png = out / f"accuracy_vs_{axis}.png"
     fig.savefig(png, dpi=130)
     plt.close(fig)
+    figures = [png]
+    if energy_note:
+        print(energy_note)
+        summary["energy_note"] = energy_note
+    if points:
+        fig, summary["pareto"] = energy_figure(points, axis, name)
+        figures.append(out / "accuracy_vs_energy.png")
+        fig.savefig(figures[-1], dpi=130)
+        plt.close(fig)
+    else:
+        print("accuracy_vs_energy.png: not drawn, no run of these sweeps has " + ENERGY)
     (out / "report.md").write_text(markdown(summary, name))
     def no_nan(v):
         return None if isinstance(v, float) and math.isnan(v) else v
 
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=no_nan))
     if not args.no_log:
-        for f in (png, out / "report.md", out / "report.json"):
+        for f in (*figures, out / "report.md", out / "report.json"):
             client.log_artifact(parent_id, str(f), artifact_path="report")
     print((out / "report.md").read_text())
     return 0
