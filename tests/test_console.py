@@ -14,6 +14,8 @@ NOISE = [
     "try installing [litlogger]",  # Lightning's advertisement
     "GPU available:",  # Lightning's device summary
     "TPU available:",
+    "Creating initial MLflow database tables",  # MLflow, on a new SQLite store
+    "Updating database tables",
 ]
 QUICK = ["experiment=smoke", "dataset=digits", "trainer.limit_train_batches=2", "eval.n_chips=1"]
 WHERE = re.compile(r"run (?P<run_id>[0-9a-f]{32}) in experiment 'quiet': mlflow ui --backend-store-uri (?P<uri>\S+)"

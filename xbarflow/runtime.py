@@ -45,6 +45,9 @@ def tune_allocator() -> bool:
 # Lightning's rank-zero info lines (device summary, the litlogger tip, "`Trainer.fit` stopped") all
 # go through this one logger; its warnings go through the warnings module, not here.
 LIGHTNING_INFO_LOGGER = "pytorch_lightning.utilities.rank_zero"
+# MLflow's "Creating initial MLflow database tables..." / "Updating database tables" on a new SQLite
+# store: info lines about MLflow's schema, on the first run of every fresh folder
+MLFLOW_DB_LOGGER = "mlflow.store.db.utils"
 # torch 2.14 deprecates LeafSpec; Lightning 2.6 still builds one on every fit, in this module
 _PYTREE_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 _PYTREE_MODULE = r"pytorch_lightning\.utilities\._pytree\Z"
@@ -58,6 +61,8 @@ def quiet_known_noise() -> None:
       ``💡 Tip: ... try installing litlogger``, which it prints whenever no LitLogger is
       configured and has no switch for, and ``Trainer.fit stopped: max_epochs reached``): its
       rank-zero logger is set to WARNING. Lightning's warnings are not logged there and still show.
+    - MLflow's two info lines when it creates the tables of a new database store: its
+      ``mlflow.store.db.utils`` logger is set to WARNING (a failed migration still shows).
     - torch's FutureWarning ``isinstance(treespec, LeafSpec) is deprecated``, which Lightning's
       own ``pytorch_lightning/utilities/_pytree.py`` triggers on every fit and no argument avoids:
       ignored for that message from that module only.
@@ -70,6 +75,7 @@ def quiet_known_noise() -> None:
     import warnings
 
     logging.getLogger(LIGHTNING_INFO_LOGGER).setLevel(logging.WARNING)
+    logging.getLogger(MLFLOW_DB_LOGGER).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=_PYTREE_DEPRECATION, category=FutureWarning, module=_PYTREE_MODULE)
 
 
