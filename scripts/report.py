@@ -36,6 +36,11 @@ from xbarflow.tracking import SECTION8, TrackingStoreError, check_store, client_
 
 ENERGY = "energy/total_pj_per_image"  # model note, section 10
 
+
+def _has_energy(r: Dict[str, Any]) -> bool:
+    """Whether a run logged a usable energy per image (runs before issue 29 have none)."""
+    return isinstance(r.get(ENERGY), float) and math.isfinite(r[ENERGY]) and r[ENERGY] > 0
+
 # The quantity a sweep varies, in order of preference, and how to read it from a run's params.
 AXES = {
     "array": ("crossbar array (rows x cols)", lambda p: _array(p)),
@@ -143,7 +148,7 @@ def summarise(rows: List[Dict[str, Any]], axis: str) -> Dict[str, Any]:
         {"dataset": r["dataset"], "x": r["x_label"], "mode": r["mode"],
          "crossbar_arrays": _int_or_none(r["params"].get("n_crossbar_arrays")),
          **{m.replace("test/", ""): r[m] for m in SECTION8 + tuple(k for k in r if k.startswith("test/") and k not in SECTION8)},
-         **({"energy_pj_per_image": r[ENERGY]} if isinstance(r.get(ENERGY), float) and math.isfinite(r[ENERGY]) else {})}
+         **({"energy_pj_per_image": r[ENERGY]} if _has_energy(r) else {})}
         for r in table
     ]
     return out
@@ -219,7 +224,7 @@ def energy_points(rows: List[Dict[str, Any]], axis: str):
     """The runs that have the energy metric, the latest of each (dataset, swept value, array, ADC bits,
     training mode), and a note on the runs without it (None when every run has it)."""
     get = AXES[axis][1]
-    has = [r for r in rows if isinstance(r.get(ENERGY), float) and math.isfinite(r[ENERGY]) and r[ENERGY] > 0]
+    has = [r for r in rows if _has_energy(r)]
     latest: Dict[Any, Dict[str, Any]] = {}
     for r in has:  # in start order: the last one wins
         latest[(r["dataset"], str(get(r["params"])), str(_array(r["params"])), _adc_bits(r), r["mode"])] = r
