@@ -71,6 +71,30 @@ def cells(plan: dict) -> List[Cell]:
                 for option in bn[1:]:
                     out.append(Cell(f"{stem}-bn_{option}", [*hw, f"eval.bn_recalibration={option}"], weights_of,
                                     "evaluate"))
+    return out + ablation_cells(plan, out)
+
+
+def ablation_cells(plan: dict, main: List[Cell]) -> List[Cell]:
+    """The plan's ``ablations``: evaluation-only runs of a cell's weights with every overrides of
+    that cell's hardware, plus ``ablations.overrides`` (e.g. t0 only), and one effect group switched
+    off at a time (``ablations.switch_off``: name -> overrides); ``all_on`` switches nothing off, the
+    reference the others are compared with. Named ``<cell>.no_<effect>`` (``<cell>.all_on``)."""
+    spec = plan.get("ablations")
+    if not spec:
+        return []
+    by_name = {c.name: c for c in main}
+    out = []
+    for base_name in spec["cells"]:
+        base = by_name[base_name]
+        weights_of = base.name if base.how == "train" else base.needs
+        strategy_over = plan["strategies"][base_name.split("-")[0]] or []
+        extra = [*spec.get("overrides", [])]
+        # an ablation override replaces the cell's own setting of that key (e.g. eval.times)
+        keys = {o.split("=", 1)[0] for o in extra}
+        hw = [o for o in base.overrides if o not in strategy_over and o.split("=", 1)[0] not in keys]
+        for effect, off in {"all_on": [], **{f"no_{k}": v for k, v in spec["switch_off"].items()}}.items():
+            out.append(Cell(f"{base_name}.{effect}", [*hw, *extra, *off], weights_of, "evaluate",
+                            tags={"ablation_of": base_name, "effect_off": effect}))
     return out
 
 
@@ -174,7 +198,9 @@ def collect(plan: dict, study: Path, uri: str) -> List[dict]:
                "n_images": int(m.get("test/n_images", 0)), "n_chips": int(params.get("eval.n_chips", 1)),
                "command": " ".join(command(cell, plan, study, uri)[1:])}
         parts = cell.name.split("-")
-        if len(parts) == 4:
+        if "ablation_of" in cell.tags:
+            row.update(ablation_of=cell.tags["ablation_of"], effect_off=cell.tags["effect_off"])
+        elif len(parts) == 4:
             row.update(strategy=parts[0], tile=parts[1], nonideality=parts[2], bn=parts[3][3:])
         row.update({k: m[f"test/{k}"] for k in ACC if f"test/{k}" in m})
         for label, t in TIMES.items():
@@ -209,11 +235,38 @@ def report(plan: dict, study: Path, uri: str, out: Path) -> int:
                      f"`{r['run_id'][:8]}` |")
     lines += ["", "SE: the standard error of the mean over chips, the test set's binomial error and the chips' "
               "spread (std / sqrt(n_chips)) in quadrature. Commands, commits and run ids: report.json."]
+    lines += ablation_table(rows, sw)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps({"software": sw, "cells": rows}, indent=1) + "\n")
     figure(rows, sw, out / "accuracy_by_cell.png")
     print("\n".join(lines))
     return 0
+
+
+def ablation_table(rows: List[dict], software: float) -> List[str]:
+    """Per ablated cell: the accuracy at t0 with each effect group switched off, and what switching it
+    off gains against ``all_on`` (the same weights, chips and reads with nothing off; the trained
+    cell's own t0 evaluation where ``all_on`` is not done)."""
+    out: List[str] = []
+    for base in dict.fromkeys(r["ablation_of"] for r in rows if "ablation_of" in r):
+        ref = next((r for r in rows if r.get("ablation_of") == base and r["effect_off"] == "all_on"), None)
+        ref = ref or next((r for r in rows if r["cell"] == base), None)
+        out += ["", f"Which effect costs what, `{base}` (evaluation only, t0, same chips; "
+                f"reference: `{ref['cell'] if ref else '-'}`):", "",
+                "| switched off | nominal | chips: mean (worst) | ± SE | gain over all on | ± SE | gap to software |",
+                "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r.get("ablation_of") != base or "acc_xbar_mean" not in r:
+                continue
+            gain = r["acc_xbar_mean"] - ref["acc_xbar_mean"] if ref else float("nan")
+            # the two runs share chips and test images, so this (independent errors) is an upper bound
+            se_gain = math.hypot(r.get("se", 0.0), ref.get("se", 0.0)) if ref and r is not ref else 0.0
+            out.append(f"| {r['effect_off'].removeprefix('no_')} | {r['acc_xbar_nominal']:.2f} | "
+                       f"{r['acc_xbar_mean']:.2f} ({r['acc_xbar_min']:.2f}) | {r.get('se', float('nan')):.2f} | "
+                       f"{gain:+.2f} | {se_gain:.2f} | {software - r['acc_xbar_mean']:.2f} |")
+        out += ["", "The SE of a gain adds both runs' SEs in quadrature, an upper bound: the runs share chips "
+                "and test images."]
+    return out
 
 
 def figure(rows: List[dict], software: float, path: Path) -> None:

@@ -16,8 +16,9 @@ PLAN = yaml.safe_load((REPO / "results" / "resnet_fashion" / "plan.yaml").read_t
 
 def test_plan_expands_to_every_cell_of_the_issue():
     cells = {c.name: c for c in study.cells(PLAN)}
-    # the software network, then 2 arrays x 2 non-ideality sets x 3 strategies x 2 BatchNorm options
-    assert len(cells) == 1 + 2 * 2 * 3 * 2
+    # the software network, then 2 arrays x 2 non-ideality sets x 3 strategies x 2 BatchNorm options,
+    # then the ablations (a reference and 7 effect groups switched off)
+    assert len(cells) == 1 + 2 * 2 * 3 * 2 + 8
     assert cells["software"].overrides == ["training=standard"] and cells["software"].needs is None
     ta = cells["tech_aware-256-full_wire-bn_chip"]
     assert ta.how == "train" and ta.needs == "software"
@@ -32,7 +33,7 @@ def test_plan_expands_to_every_cell_of_the_issue():
 
 def test_done_cells_skipped_stopped_ones_resumed_and_sources_resolved(tmp_path, monkeypatch):
     plan = {**PLAN, "tiles": {"64": ["xbar.size=64"]}, "nonidealities": {"paper": ["nonideality=paper"]},
-            "strategies": {"standard": None, "tech_aware": ["training=tech_aware"]}}
+            "strategies": {"standard": None, "tech_aware": ["training=tech_aware"]}, "ablations": None}
     (tmp_path / "software").mkdir()
     (tmp_path / "software" / "DONE").write_text("1 s\n")
     (tmp_path / "software" / "mlflow_run.json").write_text(json.dumps({"run_id": "a" * 32}))
@@ -64,7 +65,7 @@ def test_done_cells_skipped_stopped_ones_resumed_and_sources_resolved(tmp_path, 
 
 def test_a_failed_cell_leaves_its_dependants_undone(tmp_path, monkeypatch):
     plan = {**PLAN, "tiles": {"64": ["xbar.size=64"]}, "nonidealities": {"paper": ["nonideality=paper"]},
-            "strategies": {"tech_aware": ["training=tech_aware"]}}
+            "strategies": {"tech_aware": ["training=tech_aware"]}, "ablations": None}
     monkeypatch.setattr(study.subprocess, "call", lambda args, **kw: 1)
     plan_file = tmp_path / "plan.yaml"
     plan_file.write_text(yaml.safe_dump(plan))
@@ -72,9 +73,43 @@ def test_a_failed_cell_leaves_its_dependants_undone(tmp_path, monkeypatch):
     assert not any(tmp_path.glob("*/DONE"))
 
 
-@pytest.mark.parametrize("pattern,expected", [("software", 1), ("*-64-paper-*", 6), ("tech_aware-*", 8)])
+@pytest.mark.parametrize("pattern,expected", [("software", 1), ("*-64-paper-*", 6), ("tech_aware-*", 8 + 8), ("*.no_*", 7)])
 def test_only_selects_cells_by_name(tmp_path, capsys, pattern, expected):
     assert study.main([str(REPO / "results" / "resnet_fashion" / "plan.yaml"), "--dir", str(tmp_path),
                        "--only", pattern, "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == expected and all(line.split()[1] == "to" for line in lines)  # "to do"
+
+
+def test_ablations_read_the_cells_weights_with_one_effect_off_at_t0():
+    cells = {c.name: c for c in study.cells(PLAN)}
+    base = "tech_aware-64-full_wire-bn_chip"
+    ablations = [c for c in cells.values() if c.tags.get("ablation_of") == base]
+    assert {c.tags["effect_off"] for c in ablations} == {"all_on", "no_wire", "no_source_sink",
+                                                         "no_programming_variation", "no_read_noise", "no_stuck",
+                                                         "no_levels", "no_converters"}
+    ref = cells[f"{base}.all_on"]
+    # the fine-tuned weights, evaluated: the cell's hardware, no training overrides, t0 only
+    assert ref.how == "evaluate" and ref.needs == base
+    assert ref.overrides == ["xbar.size=64", "nonideality=full", "xbar.r_wire=2.5", "eval.bn_recalibration=chip",
+                             "eval.times=[]"]
+    assert cells[f"{base}.no_wire"].overrides == [*ref.overrides, "nonideality.r_wire=false"]
+    assert cells[f"{base}.no_converters"].overrides == [*ref.overrides, "nonideality.dac=false",
+                                                        "nonideality.adc=false"]
+    # the ablation of an evaluation-only cell reads the weights that cell reads
+    plan = {**PLAN, "ablations": {**PLAN["ablations"], "cells": ["standard-64-full_wire-bn_chip"]}}
+    std = {c.name: c for c in study.cells(plan)}["standard-64-full_wire-bn_chip.no_wire"]
+    assert std.needs == "software" and std.how == "evaluate"
+
+
+def test_ablation_table_measures_gains_against_the_reference():
+    def row(effect, mean, worst):
+        return {"cell": f"b.{effect}", "ablation_of": "b", "effect_off": effect, "acc_xbar_nominal": 90.0,
+                "acc_xbar_mean": mean, "acc_xbar_min": worst, "se": 0.3}
+    lines = study.ablation_table([row("all_on", 87.5, 85.0), row("no_wire", 90.0, 89.0)], software=92.5)
+    body = [line for line in lines if line.startswith("| wire") or line.startswith("| all_on")]
+    assert body == ["| all_on | 90.00 | 87.50 (85.00) | 0.30 | +0.00 | 0.00 | 5.00 |",
+                    "| wire | 90.00 | 90.00 (89.00) | 0.30 | +2.50 | 0.42 | 2.50 |"]
+    # without the reference run, the trained cell's own evaluation is the reference
+    lines = study.ablation_table([{"cell": "b", "acc_xbar_mean": 87.0, "se": 0.4}, row("no_wire", 90.0, 89.0)], 92.5)
+    assert "| wire | 90.00 | 90.00 (89.00) | 0.30 | +3.00 | 0.50 | 2.50 |" in lines
