@@ -29,19 +29,22 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# Lint, then the test suite (slow tests excluded; about 10-15 minutes on 2 cores).
+# Lint, then the test suite (slow tests excluded) in one pytest-xdist worker per core, a file per worker
+# (TEST_WORKERS=1 for one process); about 15 minutes on 2 cores.
+TEST_WORKERS ?= auto
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Long tests too (parallel-sweep race repetitions, ngspice on larger arrays, ...).
 test-slow: lint
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "slow or not slow"
 
 # The numerical tests (marker `numerics`) again on another CPU code path: ATen's generic kernels
 # instead of AVX2/AVX-512 and MKL held to SSE4.2, so other vector widths and matmul blockings.
 # Float comparisons must hold to rounding on any CPU, not to the bits of the one they were written on.
 test-numerics: install
-	ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 $(PY) -m pytest -q -m "numerics and not slow"
+	ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+	  -m "numerics and not slow"
 
 bench: install
 	$(PY) scripts/bench_crossbar.py

@@ -251,6 +251,8 @@ def test_device_yaml_with_a_syntax_error(workdir, tmp_path_factory, sweep):
     (["xbar.mapping=interleaved", "xbar.cols=63"], "xbar.cols must be even for interleaved mapping"),
     (["trainer.accelerator=tpu"], "trainer (accelerator=tpu"),
     (["trainer.devices=abc"], "devices=abc"),
+    # the 1,258 training images of 100,000 x 100,000 pixels would take 50 TB: refused before any allocation
+    (["dataset.image_size=100000"], "dataset.image_size=100000: 1258 images of 100000x100000"),
 ])
 def test_inputs_the_core_or_lightning_refuse_are_one_line(workdir, args, named):
     proc = run_cli(["experiment=smoke", "dataset=digits", *args], cwd=workdir)

@@ -29,6 +29,14 @@ def fit_size(x: torch.Tensor, size: Optional[int], mode: str) -> torch.Tensor:
     """Images ``(N, C, H, W)`` brought to ``size x size`` (None: unchanged) by centred zero padding or resizing."""
     if size is None or (x.shape[-2] == size and x.shape[-1] == size):
         return x
+    from ..runtime import memory_limit_bytes
+
+    need, have = x.shape[0] * x.shape[1] * size * size * x.element_size(), memory_limit_bytes("cpu")
+    if need > have / 2:  # the split is held whole, and a training step needs the other half
+        side = int((have / 2 / (x.shape[0] * x.shape[1] * x.element_size())) ** 0.5)
+        raise DatasetUnavailable(f"dataset.image_size={size}: {x.shape[0]} images of {size}x{size} take "
+                                 f"{need / 1e9:.3g} GB, more than half this machine's {have / 1e9:.3g} GB; "
+                                 f"allowed here: 1 to {side}")
     if mode == "pad":
         dh, dw = size - x.shape[-2], size - x.shape[-1]
         if dh < 0 or dw < 0:
