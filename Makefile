@@ -30,8 +30,9 @@ lint: install
 	$(VENV)/bin/mypy
 
 # Lint, then the test suite (slow tests excluded) in one pytest-xdist worker per core, a file per worker
-# (TEST_WORKERS=1 for one process); about 15 minutes on 2 cores.
-TEST_WORKERS ?= auto
+# (TEST_WORKERS=1 for one process; `logical` counts hardware threads, where `auto` would count
+# physical cores once psutil is installed); about 15-18 minutes on 2 cores.
+TEST_WORKERS ?= logical
 test: lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
