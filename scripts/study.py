@@ -28,6 +28,7 @@ import fnmatch
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -209,6 +210,9 @@ def collect(plan: dict, study: Path, uri: str) -> List[dict]:
                 row[f"min_{label}"] = m[f"test/acc_xbar_min_at_{t}s"]
         if "acc_xbar_mean" in row and row["n_images"]:
             row["se"] = standard_error(row)
+        # per chip (t0), in chip order: chip k is drawn from the same seed in every cell
+        row["chips"] = [m.value for m in sorted(client.get_metric_history(run_id, "test/acc_xbar_chip"),
+                                                key=lambda m: m.step)]
         rows.append(row)
     return rows
 
@@ -235,12 +239,41 @@ def report(plan: dict, study: Path, uri: str, out: Path) -> int:
                      f"`{r['run_id'][:8]}` |")
     lines += ["", "SE: the standard error of the mean over chips, the test set's binomial error and the chips' "
               "spread (std / sqrt(n_chips)) in quadrature. Commands, commits and run ids: report.json."]
+    lines += strategy_differences(rows, "tech_aware", "noise_aware")
     lines += ablation_table(rows, sw)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps({"software": sw, "cells": rows}, indent=1) + "\n")
     figure(rows, sw, out / "accuracy_by_cell.png")
     print("\n".join(lines))
     return 0
+
+
+def strategy_differences(rows: List[dict], a: str, b: str) -> List[str]:
+    """Strategy ``a`` against ``b`` on the same arrays, non-idealities and BatchNorm option: the
+    difference of the means over chips, its standard error from the per-chip differences (the
+    cells draw chip k from the same seed, so the difference is paired), and as an upper bound
+    both cells' SEs in quadrature (errors taken as independent)."""
+    out: List[str] = []
+    for r in rows:
+        if r.get("strategy") != a or "acc_xbar_mean" not in r:
+            continue
+        other = next((o for o in rows if o.get("strategy") == b and "acc_xbar_mean" in o and
+                      (o["tile"], o["nonideality"], o["bn"]) == (r["tile"], r["nonideality"], r["bn"])), None)
+        if other is None:
+            continue
+        mine, theirs = r.get("chips", []), other.get("chips", [])
+        # paired only chip by chip: cells read on different numbers of chips are not
+        diffs = [x - y for x, y in zip(mine, theirs, strict=True)] if len(mine) == len(theirs) else []
+        paired = (statistics.stdev(diffs) / math.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+        bound = math.hypot(r.get("se", float("nan")), other.get("se", float("nan")))
+        if not out:
+            out += ["", f"{a} against {b} (t0; chip k is the same draw in both cells):", "",
+                    "| array | non-idealities | BN statistics | difference of means | ± SE, paired over chips | "
+                    "± SE, upper bound | chips where it is ahead |", "|---|---|---|---|---|---|---|"]
+        out.append(f"| {r['tile']}x{r['tile']} | {r['nonideality']} | {r['bn']} | "
+                   f"{r['acc_xbar_mean'] - other['acc_xbar_mean']:+.2f} | {paired:.2f} | {bound:.2f} | "
+                   f"{sum(d > 0 for d in diffs)} of {len(diffs)} |")
+    return out
 
 
 def ablation_table(rows: List[dict], software: float) -> List[str]:

@@ -113,3 +113,15 @@ def test_ablation_table_measures_gains_against_the_reference():
     # without the reference run, the trained cell's own evaluation is the reference
     lines = study.ablation_table([{"cell": "b", "acc_xbar_mean": 87.0, "se": 0.4}, row("no_wire", 90.0, 89.0)], 92.5)
     assert "| wire | 90.00 | 90.00 (89.00) | 0.30 | +3.00 | 0.50 | 2.50 |" in lines
+
+
+def test_strategy_difference_is_paired_over_chips():
+    def row(strategy, chips, se):
+        mean = sum(chips) / len(chips)
+        return {"strategy": strategy, "tile": "64", "nonideality": "full_wire", "bn": "chip", "acc_xbar_mean": mean,
+                "chips": chips, "se": se}
+    rows = [row("noise_aware", [85.0, 86.0, 82.0], 0.7), row("tech_aware", [87.0, 88.5, 85.0], 0.7)]
+    (line,) = [line for line in study.strategy_differences(rows, "tech_aware", "noise_aware") if "full_wire" in line]
+    # differences 2.0, 2.5, 3.0: mean 2.5, stdev 0.5, paired SE 0.5 / sqrt(3); bound hypot(0.7, 0.7)
+    assert line == "| 64x64 | full_wire | chip | +2.50 | 0.29 | 0.99 | 3 of 3 |"
+    assert study.strategy_differences(rows[:1], "tech_aware", "noise_aware") == []  # nothing to compare
