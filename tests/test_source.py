@@ -167,3 +167,32 @@ def test_reused_standard_training_gives_the_metrics_of_training_again(workdir):
     (again,) = client.search_runs([client.get_experiment_by_name("again").experiment_id])
     for key in SECTION8:
         assert second.data.metrics[key] == again.data.metrics[key], key
+
+
+def test_keep_reads_a_changed_crossbar_with_the_learned_periphery(trained, tmp_path):
+    """An evaluation-only ablation (one crossbar setting changed) keeps the source's learned column
+    gains with ``eval.source_periphery=keep``; by default (auto) they are refitted for that crossbar."""
+    import torch
+
+    workdir, run = trained
+    (source_weights,) = [p for p in workdir.rglob("weights.pt") if "evaluated" not in str(p)][:1]
+    gains = {k: v for k, v in torch.load(source_weights, weights_only=True).items() if k.endswith("log_column_gain")}
+    assert gains and any(bool(v.abs().max() > 0) for v in gains.values())  # tech_aware learned them
+    for periphery, tag in (("auto", "recalibrated"), ("keep", "source")):
+        out = tmp_path / f"evaluated_{periphery}"
+        proc = run_cli(BASE + ["mode=evaluate", f"source={run.info.run_id}", "xbar.r_source=500",
+                               f"eval.source_periphery={periphery}", f"hydra.run.dir={out}"], cwd=workdir)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert _runs(workdir)[-1].data.tags["column_gains"] == tag
+        state = torch.load(out / "weights.pt", weights_only=True)
+        same = [torch.equal(state[k], v) for k, v in gains.items()]  # a copy, or a least-squares refit
+        assert all(same) if periphery == "keep" else not any(same), (periphery, same)
+
+
+def test_keep_refuses_a_periphery_that_does_not_fit(trained):
+    workdir, run = trained
+    proc = run_cli(BASE + ["mode=evaluate", f"source={run.info.run_id}", "xbar.size=16", "eval.source_periphery=keep"],
+                   cwd=workdir)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: eval.source_periphery=keep:") and "another tile size" in lines[0]

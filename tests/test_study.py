@@ -92,7 +92,7 @@ def test_ablations_read_the_cells_weights_with_one_effect_off_at_t0():
     # the fine-tuned weights, evaluated: the cell's hardware, no training overrides, t0 only
     assert ref.how == "evaluate" and ref.needs == base
     assert ref.overrides == ["xbar.size=64", "nonideality=full", "xbar.r_wire=2.5", "eval.bn_recalibration=chip",
-                             "eval.times=[]"]
+                             "eval.times=[]", "eval.source_periphery=keep"]
     assert cells[f"{base}.no_wire"].overrides == [*ref.overrides, "nonideality.r_wire=false"]
     assert cells[f"{base}.no_converters"].overrides == [*ref.overrides, "nonideality.dac=false",
                                                         "nonideality.adc=false"]

@@ -235,6 +235,11 @@ class EvalConfig:
     # after compensation; the trained statistics are restored afterwards)
     bn_recalibration: str = rf("none", choices=("none", "chip"))
     bn_samples: int = rf(512, ge=2)              # training images of the BatchNorm re-estimation
+    # mode=evaluate: the source's learned ADC ranges and column gains. auto: kept on the crossbar
+    # they were trained for, recalibrated (ranges from a calibration, gains by least squares) where
+    # a hardware., xbar. or nonideality. setting differs; keep: kept on any crossbar of the same
+    # tile size, as when one effect is switched off in an evaluation-only ablation
+    source_periphery: str = rf("auto", choices=("auto", "keep"))
 
 
 @dataclass

@@ -292,6 +292,9 @@ def prepare(cfg: DictConfig, typed, model: torch.nn.Module, tracking_uri: str,
     source = resolve_source(typed.source, tracking_uri, start_dir, *_trust(typed))
     check_compatible(source, cfg)
     source.converters_loaded = load_source_weights(model, source)
+    if typed.eval.source_periphery == "keep" and not source.converters_loaded and _learned_gains(source):
+        raise ConfigError(f"eval.source_periphery=keep: the converter ranges and column gains of {source.spec} do "
+                          "not fit this crossbar (another tile size, or none logged); use eval.source_periphery=auto")
     return source
 
 
@@ -341,12 +344,20 @@ def mark_trained(run, cfg: DictConfig) -> None:
     run.record.set_tag(TRAIN_KEY_TAG, train_key(cfg))  # through the record: survives a lost store
 
 
-def column_gain_policy(source: Source, cfg: DictConfig) -> str:
-    """``source`` (keep the source's gains: same crossbar, or unity gains), or ``recalibrated``
-    (gains learned for another or an unknown crossbar: least squares on this one's nominal array)."""
+def _learned_gains(source: Source) -> bool:
+    """Whether the source's column gains were learned (not all unity)."""
     gains = [v for k, v in source.state.items() if k.endswith("log_column_gain")]
-    if not any(bool(g.abs().max() > 0) for g in gains):
+    return any(bool(g.abs().max() > 0) for g in gains)
+
+
+def column_gain_policy(source: Source, cfg: DictConfig) -> str:
+    """``source`` (keep the source's gains: same crossbar, unity gains, or ``eval.source_periphery=keep``),
+    or ``recalibrated`` (gains learned for another or an unknown crossbar: least squares on this one's
+    nominal array, and the learned ADC ranges restarted from a calibration)."""
+    if not _learned_gains(source):
         return "source"  # unity gains (standard training): nothing was learned for any crossbar
+    if cfg.get("eval", {}).get("source_periphery", "auto") == "keep":
+        return "source"
     if not source.params:
         return "recalibrated"
     here = _flat(cfg)
