@@ -70,6 +70,35 @@ def test_cifar10_offline_from_its_own_format(tmp_path):
     assert torch.equal(data.val[0][0], data.val[0][0])
 
 
+@pytest.mark.parametrize("builder", ["tensors", "stream"])
+def test_calibration_images_are_the_training_images_without_augmentation(builder, tmp_path):
+    """What calibrates a chip (converter ranges, compensation, BatchNorm re-estimation) reads the
+    training images as they are: the same images as the augmented training split, index for index,
+    and the same on every read whatever the global generator's state (an evaluation-only run then
+    calibrates exactly as its source run did after training)."""
+    aug = ["dataset.crop_padding=2", "dataset.hflip=true"]
+    if builder == "tensors":
+        overrides, plain_overrides = ["dataset=digits", *aug], ["dataset=digits"]
+    else:
+        write_cifar10(tmp_path)
+        overrides = ["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false"]
+        overrides, plain_overrides = overrides + aug, overrides + ["dataset.crop_padding=0", "dataset.hflip=false"]
+    data = build_datasets(validate(compose(overrides)).dataset)
+    plain = build_datasets(validate(compose(plain_overrides)).dataset)
+    assert len(data.calibration_images) == len(data.train) == len(plain.train)
+    torch.manual_seed(0)
+    differs = 0
+    for i in range(8):
+        x, y = data.calibration_images[i]
+        torch.manual_seed(100 + i)  # another generator state: must not matter
+        x_again, _ = data.calibration_images[i]
+        assert torch.equal(x, x_again) and torch.equal(x, plain.train[i][0]) and int(y) == int(plain.train[i][1])
+        differs += not torch.equal(data.train[i][0], x)  # the training split itself is augmented
+    assert differs > 0
+    if builder == "tensors":
+        assert plain.calibration_images is plain.train  # nothing augmented: the split itself
+
+
 def test_cifar10_missing_is_one_line(tmp_path):
     cfg = validate(compose(["dataset=cifar10", f"dataset.root={tmp_path / 'none'}", "dataset.download=false"])).dataset
     with pytest.raises(DatasetUnavailable) as info:

@@ -120,6 +120,26 @@ def test_evaluate_same_config_reproduces_metrics(trained):
     assert "train/loss" not in evaluated.data.metrics
 
 
+def test_evaluate_reproduces_a_calibrated_periphery_under_augmentation(workdir):
+    """With random crop and flip on the training split, an evaluation-only run still calibrates
+    exactly as its source did after training: calibration reads the training images without
+    augmentation (``DataSplits.calibration_images``). Reading the augmented split, the crops were
+    drawn from the global generator, whose state after training differs from a fresh process's,
+    and the calibrated DAC scales and ADC ranges (continuous, logged) differed between the two."""
+    cfg = BASE + ["training=standard", "dataset.crop_padding=1", "dataset.hflip=true", "nonideality.dac=true",
+                  "nonideality.adc=true", "xbar.dac_range_mode=calibrated"]
+    proc = run_cli(cfg, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = _runs(workdir)
+    proc = run_cli(cfg + ["mode=evaluate", f"source={run.info.run_id}"], cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = _runs(workdir)[-1]
+    calibrated = [k for k in run.data.metrics if k.startswith(("dac_scale/", "adc_range/"))]
+    assert any(k.startswith("dac_scale/") for k in calibrated) and any(k.startswith("adc_range/") for k in calibrated)
+    for key in calibrated + SECTION8:
+        assert evaluated.data.metrics[key] == run.data.metrics[key], key
+
+
 def test_evaluate_on_other_hardware_from_logged_model(trained):
     workdir, run = trained
     proc = run_cli(BASE + ["mode=evaluate", f"source=runs:/{run.info.run_id}/model", "hardware=pcm", "xbar.size=16"],
@@ -184,6 +204,12 @@ def test_keep_reads_a_changed_crossbar_with_the_learned_periphery(trained, tmp_p
                                f"eval.source_periphery={periphery}", f"hydra.run.dir={out}"], cwd=workdir)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert _runs(workdir)[-1].data.tags["column_gains"] == tag
+        # auto says so in one line, naming the changed key and the way to keep the periphery
+        notes = [line for line in proc.stdout.splitlines() if line.startswith("note: ")]
+        if periphery == "auto":
+            assert len(notes) == 1 and "xbar.r_source" in notes[0] and "eval.source_periphery=keep" in notes[0], notes
+        else:
+            assert not notes, notes
         state = torch.load(out / "weights.pt", weights_only=True)
         same = [torch.equal(state[k], v) for k, v in gains.items()]  # a copy, or a least-squares refit
         assert all(same) if periphery == "keep" else not any(same), (periphery, same)

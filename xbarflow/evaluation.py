@@ -129,7 +129,8 @@ def calibration_loader(train: Dataset, n_samples: int, *, seed: int = 0, batch_s
     """``n_samples`` images of the training split, a draw seeded by ``seed``: the calibration batch.
 
     Args:
-        train: the training split (``build_datasets(...).train``); never the test split.
+        train: the training images without augmentation (``build_datasets(...).calibration_images``);
+            never the test split.
         n_samples: ``eval.calibration_samples`` (all of the split if it is smaller).
         seed: the run seed (the same draw as the converter calibration of ``xbar.calibration_samples``).
     """

@@ -77,7 +77,7 @@ def run_experiment(cfg: DictConfig, *, output_dir: str, start_dir: Optional[str]
             metrics.update(evaluate_on_val(typed, model, data, device))
         log_results(run, typed, model, metrics, per_chip, n_test=len(data.test))
         log_energy(run, energy)
-        log_model(run, typed, model, torch.stack([data.train[i][0] for i in range(2)]))
+        log_model(run, typed, model, torch.stack([data.calibration_images[i][0] for i in range(2)]))
     return metrics
 
 
@@ -301,9 +301,10 @@ def calibrate_periphery(typed: Config, model: torch.nn.Module, data: DataSplits,
     the test split) on the nominal array set every calibrated DAC scale and ADC range; learned
     ADC ranges keep what training gave them.
     """
-    n = min(typed.xbar.calibration_samples, len(data.train))
-    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(typed.seed))[:n]
-    x = torch.stack([data.train[int(i)][0] for i in pick]).to(device)
+    images = data.calibration_images
+    n = min(typed.xbar.calibration_samples, len(images))
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(typed.seed))[:n]
+    x = torch.stack([images[int(i)][0] for i in pick]).to(device)
     model.eval()
     calibrate_converters(model, x, learned=False)
 
@@ -329,7 +330,7 @@ def evaluate_on_val(typed: Config, model: torch.nn.Module, data: DataSplits, dev
 def _evaluate(typed: Config, model: torch.nn.Module, data: DataSplits, device, loader: DataLoader,
               prefix: str) -> Tuple[Dict[str, float], List[float]]:
     def training_images(n: int) -> DataLoader:
-        return calibration_loader(data.train, n, seed=typed.seed, batch_size=typed.eval.batch_size,
+        return calibration_loader(data.calibration_images, n, seed=typed.seed, batch_size=typed.eval.batch_size,
                                   num_workers=typed.dataset.num_workers)
 
     return evaluate(model, loader, num_classes=data.num_classes, n_chips=typed.eval.n_chips,

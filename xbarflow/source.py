@@ -19,7 +19,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -360,9 +360,14 @@ def column_gain_policy(source: Source, cfg: DictConfig) -> str:
         return "source"
     if not source.params:
         return "recalibrated"
+    return "source" if not crossbar_differences(source, cfg) else "recalibrated"
+
+
+def crossbar_differences(source: Source, cfg: DictConfig) -> List[str]:
+    """The ``hardware.``/``xbar.``/``nonideality.`` keys whose value here differs from the source run's
+    (all of them when the source logged no parameters: a weights file)."""
     here = _flat(cfg)
-    same = all(source.params.get(k) == v for k, v in here.items() if k.startswith(CROSSBAR_KEYS))
-    return "source" if same else "recalibrated"
+    return sorted(k for k, v in here.items() if k.startswith(CROSSBAR_KEYS) and source.params.get(k) != v)
 
 
 def evaluation_device(typed) -> torch.device:
@@ -399,9 +404,16 @@ def deploy(run, typed, cfg: DictConfig, model: torch.nn.Module, data, source: So
         run.record.set_tag(k, v)
     if source.converters_loaded and policy == "source":
         return device
-    n = min(typed.xbar.calibration_samples, len(data.train))
-    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(typed.seed))[:n]
-    x = torch.stack([data.train[int(i)][0] for i in pick]).to(device)
+    if policy == "recalibrated" and source.params:
+        # a user switching one effect off expects the same chip without it, not a re-calibrated one
+        keys = crossbar_differences(source, cfg)
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        print(f"note: {shown} differ from the source run's; its learned ADC ranges and column gains are "
+              "recalibrated on this crossbar (eval.source_periphery=keep holds them)", flush=True)
+    images = data.calibration_images
+    n = min(typed.xbar.calibration_samples, len(images))
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(typed.seed))[:n]
+    x = torch.stack([images[int(i)][0] for i in pick]).to(device)
     with torch.no_grad():
         if not source.converters_loaded or policy == "recalibrated":
             calibrate_converters(model, x, learned=True)

@@ -160,8 +160,10 @@ def tensor_splits(cfg) -> DataSplits:
         x_test, y_test = x_test[: cfg.test_subset], y_test[: cfg.test_subset]
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     x_train, x_val, x_test = (normalise(fit_size(x, cfg.image_size, cfg.resize_mode), cfg) for x in (x_train, x_val, x_test))
-    return DataSplits(augmented_tensor_dataset(x_train, y_train, cfg), TensorDataset(x_val, y_val),
-                      TensorDataset(x_test, y_test), tuple(x_train.shape[1:]), num_classes)
+    train = augmented_tensor_dataset(x_train, y_train, cfg)
+    plain = None if isinstance(train, TensorDataset) else TensorDataset(x_train, y_train)
+    return DataSplits(train, TensorDataset(x_val, y_val), TensorDataset(x_test, y_test), tuple(x_train.shape[1:]),
+                      num_classes, train_plain=plain)
 
 
 class EpochShuffleSampler(Sampler):

@@ -141,7 +141,8 @@ def _splits(train_aug: Dataset, train_plain: Dataset, test: Dataset, classes, cf
         in_shape = tuple(test[0][0].shape)
     except Exception as e:
         raise DatasetUnavailable(f"dataset {cfg.name}: cannot read an image ({type(e).__name__}: {e})") from None
-    return DataSplits(Subset(train_aug, train_idx), Subset(train_plain, val_idx), test, in_shape, len(classes))
+    return DataSplits(Subset(train_aug, train_idx), Subset(train_plain, val_idx), test, in_shape, len(classes),
+                      train_plain=Subset(train_plain, train_idx))
 
 
 class _NoMd5:
