@@ -103,16 +103,19 @@ def test_ablations_read_the_cells_weights_with_one_effect_off_at_t0():
 
 
 def test_ablation_table_measures_gains_against_the_reference():
-    def row(effect, mean, worst):
+    def row(effect, chips, worst):
         return {"cell": f"b.{effect}", "ablation_of": "b", "effect_off": effect, "acc_xbar_nominal": 90.0,
-                "acc_xbar_mean": mean, "acc_xbar_min": worst, "se": 0.3}
-    lines = study.ablation_table([row("all_on", 87.5, 85.0), row("no_wire", 90.0, 89.0)], software=92.5)
+                "acc_xbar_mean": sum(chips) / len(chips), "acc_xbar_min": worst, "se": 0.3, "chips": chips}
+    # per-chip gains 2.0, 2.5, 3.0: mean 2.5, paired SE 0.5 / sqrt(3) = 0.29; bound hypot(0.3, 0.3) = 0.42
+    lines = study.ablation_table([row("all_on", [88.0, 87.5, 87.0], 85.0), row("no_wire", [90.0, 90.0, 90.0], 89.0)],
+                                 software=92.5)
     body = [line for line in lines if line.startswith("| wire") or line.startswith("| all_on")]
-    assert body == ["| all_on | 90.00 | 87.50 (85.00) | 0.30 | +0.00 | 0.00 | 5.00 |",
-                    "| wire | 90.00 | 90.00 (89.00) | 0.30 | +2.50 | 0.42 | 2.50 |"]
-    # without the reference run, the trained cell's own evaluation is the reference
-    lines = study.ablation_table([{"cell": "b", "acc_xbar_mean": 87.0, "se": 0.4}, row("no_wire", 90.0, 89.0)], 92.5)
-    assert "| wire | 90.00 | 90.00 (89.00) | 0.30 | +3.00 | 0.50 | 2.50 |" in lines
+    assert body == ["| all_on | 90.00 | 87.50 (85.00) | 0.30 | +0.00 | 0.00 | 0.00 | 5.00 |",
+                    "| wire | 90.00 | 90.00 (89.00) | 0.30 | +2.50 | 0.29 | 0.42 | 2.50 |"]
+    # without the reference run, the trained cell's own evaluation is the reference (no chips: no pairing)
+    lines = study.ablation_table([{"cell": "b", "acc_xbar_mean": 87.0, "se": 0.4},
+                                  row("no_wire", [90.0, 90.0, 90.0], 89.0)], 92.5)
+    assert "| wire | 90.00 | 90.00 (89.00) | 0.30 | +3.00 | nan | 0.50 | 2.50 |" in lines
 
 
 def test_strategy_difference_is_paired_over_chips():
