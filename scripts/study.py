@@ -79,7 +79,9 @@ def ablation_cells(plan: dict, main: List[Cell]) -> List[Cell]:
     """The plan's ``ablations``: evaluation-only runs of a cell's weights with every overrides of
     that cell's hardware, plus ``ablations.overrides`` (e.g. t0 only), and one effect group switched
     off at a time (``ablations.switch_off``: name -> overrides); ``all_on`` switches nothing off, the
-    reference the others are compared with. Named ``<cell>.no_<effect>`` (``<cell>.all_on``)."""
+    reference the others are compared with. Named ``<cell>.no_<effect>`` (``<cell>.all_on``).
+    ``ablations.remedies`` (name -> overrides): the same, with a remedy switched on instead of an
+    effect off (e.g. stuck-device compensation), named ``<cell>.with_<remedy>``."""
     spec = plan.get("ablations")
     if not spec:
         return []
@@ -93,7 +95,9 @@ def ablation_cells(plan: dict, main: List[Cell]) -> List[Cell]:
         # an ablation override replaces the cell's own setting of that key (e.g. eval.times)
         keys = {o.split("=", 1)[0] for o in extra}
         hw = [o for o in base.overrides if o not in strategy_over and o.split("=", 1)[0] not in keys]
-        for effect, off in {"all_on": [], **{f"no_{k}": v for k, v in spec["switch_off"].items()}}.items():
+        variants = {"all_on": [], **{f"no_{k}": v for k, v in spec["switch_off"].items()},
+                    **{f"with_{k}": v for k, v in (spec.get("remedies") or {}).items()}}
+        for effect, off in variants.items():
             out.append(Cell(f"{base_name}.{effect}", [*hw, *extra, *off], weights_of, "evaluate",
                             tags={"ablation_of": base_name, "effect_off": effect}))
     return out
@@ -292,8 +296,8 @@ def ablation_table(rows: List[dict], software: float) -> List[str]:
         ref = ref or next((r for r in rows if r["cell"] == base), None)
         out += ["", f"Which effect costs what, `{base}` (evaluation only, t0, same chips; "
                 f"reference: `{ref['cell'] if ref else '-'}`):", "",
-                "| switched off | nominal | chips: mean (worst) | ± SE | gain over all on | ± SE, paired over chips "
-                "| ± SE, upper bound | gap to software |",
+                "| switched off (or remedy on) | nominal | chips: mean (worst) | ± SE | gain over all on "
+                "| ± SE, paired over chips | ± SE, upper bound | gap to software |",
                 "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r.get("ablation_of") != base or "acc_xbar_mean" not in r:
@@ -302,7 +306,10 @@ def ablation_table(rows: List[dict], software: float) -> List[str]:
             # the two runs share chips and test images, so this (independent errors) is an upper bound
             se_gain = math.hypot(r.get("se", 0.0), ref.get("se", 0.0)) if ref and r is not ref else 0.0
             paired = paired_difference(r, ref)[1] if ref and r is not ref else 0.0
-            out.append(f"| {r['effect_off'].removeprefix('no_')} | {r['acc_xbar_nominal']:.2f} | "
+            effect = r["effect_off"]
+            label = f"(remedy on) {effect.removeprefix('with_')}" if effect.startswith("with_") else \
+                effect.removeprefix("no_")
+            out.append(f"| {label} | {r['acc_xbar_nominal']:.2f} | "
                        f"{r['acc_xbar_mean']:.2f} ({r['acc_xbar_min']:.2f}) | {r.get('se', float('nan')):.2f} | "
                        f"{gain:+.2f} | {paired:.2f} | {se_gain:.2f} | {software - r['acc_xbar_mean']:.2f} |")
         out += ["", "A gain's paired SE comes from the per-chip differences (chip k is the same draw in every "

@@ -67,6 +67,83 @@ def test_stuck_same_seed_same_cells():
     assert not torch.equal(a, apply_stuck(_G(), dev, 3, "fc2", G_MIN, G_MAX))
 
 
+def _stuck_reference(W, k, on, off, w_max):
+    """Pair by pair, in plain Python: the differential weight a chip holds after program-and-verify
+    with pair compensation. ``on`` / ``off``: (2, fan_in, fan_out) masks of the G+ (0) and G- (1)
+    devices. A stuck device holds its value; its partner moves by the stuck device's error, within
+    [G_MIN, G_MAX]; a pair with both stuck keeps both."""
+    out = torch.empty_like(W)
+    for i in range(W.shape[0]):
+        for j in range(W.shape[1]):
+            w = max(-w_max, min(w_max, float(W[i, j])))
+            target = [G_MIN + k * max(w, 0.0), G_MIN + k * max(-w, 0.0)]
+            stuck = [G_MAX if on[d, i, j] else G_MIN if off[d, i, j] else None for d in (0, 1)]
+            g = list(target)
+            for d in (0, 1):
+                if stuck[d] is not None and stuck[1 - d] is None:
+                    g[1 - d] = min(G_MAX, max(G_MIN, target[1 - d] + stuck[d] - target[d]))
+            for d in (0, 1):
+                if stuck[d] is not None:
+                    g[d] = stuck[d]
+            out[i, j] = (g[0] - g[1]) / k
+    return out
+
+
+@pytest.mark.parametrize("mapping", ["separate", "interleaved"])
+def test_stuck_compensation_keeps_each_pairs_difference(mapping):
+    """Against a pair-by-pair reference on an ideal circuit (T = G): a stuck-at-on device that
+    carries the weight is fully compensated by its partner; the chip without compensation loses
+    more."""
+    w_max = 2.0
+    spec = CrossbarSpec(rows=64, cols=64, g_min=G_MIN, g_max=G_MAX, mapping=mapping, w_max=w_max,
+                        stuck_compensation=True)
+    chip = Chip(seed=7, device=DeviceModel(stuck_on=0.1, stuck_off=0.1))
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(40, 20, generator=g, dtype=torch.float64)
+    k = (G_MAX - G_MIN) / w_max
+    # the chip's stuck cells, from apply_stuck on a layout of midpoints (no compensation code)
+    shape = (2, 1, 1, 64, 64) if mapping == "separate" else (1, 1, 64, 64)
+    marks = apply_stuck(torch.full(shape, (G_MIN + G_MAX) / 2, dtype=torch.float64), chip.device, chip.seed,
+                        "fc", G_MIN, G_MAX)
+    if mapping == "separate":
+        marks = marks[:, 0, 0, :40, :20]
+    else:
+        marks = torch.stack((marks[0, 0, :40, 0:40:2], marks[0, 0, :40, 1:40:2]))
+    on, off = marks == G_MAX, marks == G_MIN
+    ref = _stuck_reference(W, k, on, off, w_max)
+    got = effective_weight(W, spec, chip, name="fc")
+    # float64, a handful of additions of conductances ~1e-5 S over k ~2e-5 S/unit: rounding ~1e-15
+    assert torch.allclose(got, ref, rtol=0, atol=1e-12)
+    carrier_on = torch.where(W > 0, on[0] & ~on[1] & ~off[1], on[1] & ~on[0] & ~off[0])
+    assert int(carrier_on.sum()) > 10
+    assert torch.allclose(got[carrier_on], W.clamp(-w_max, w_max)[carrier_on], rtol=0, atol=1e-12)
+    # stuck-at-on on the idle side: both devices at G_MAX, the weight reads 0 (error |w|, not ~w_max)
+    idle_on = torch.where(W > 0, on[1] & ~on[0] & ~off[0], on[0] & ~on[1] & ~off[1])
+    assert int(idle_on.sum()) > 10 and torch.equal(got[idle_on], torch.zeros_like(got[idle_on]))
+    plain = effective_weight(W, spec.replace(stuck_compensation=False), chip, name="fc")
+    err_plain = (plain - W.clamp(-w_max, w_max)).abs().mean()
+    err_comp = (got - W.clamp(-w_max, w_max)).abs().mean()
+    assert err_comp < 0.5 * err_plain, (float(err_comp), float(err_plain))
+
+
+def test_stuck_compensation_gradient_and_noop_without_stuck_cells():
+    spec = CrossbarSpec(rows=8, cols=8, g_min=G_MIN, g_max=G_MAX, r_source=1e3, r_sink=1e3, w_max=3.0,
+                        stuck_compensation=True)
+    chip = Chip(seed=2, d2d=0.1, device=DeviceModel(stuck_on=0.2, stuck_off=0.2))
+    g = torch.Generator().manual_seed(0)
+    W = (torch.rand(10, 5, generator=g, dtype=torch.float64) + 0.2) * torch.sign(torch.randn(10, 5, generator=g,
+                                                                                              dtype=torch.float64))
+    W.requires_grad_(True)
+    # the partner's target is linear in the pair's targets (away from the clip): gradient exact
+    assert torch.autograd.gradcheck(lambda w: effective_weight(w, spec, chip, name="fc"), (W,), atol=1e-6)
+    # compensation changes nothing on a chip without stuck cells, or without a chip
+    clean = Chip(seed=2, d2d=0.1)
+    assert torch.equal(effective_weight(W, spec, clean, name="fc"),
+                       effective_weight(W, spec.replace(stuck_compensation=False), clean, name="fc"))
+    with pytest.raises(ValueError, match="stuck_compensation must be true or false"):
+        spec.replace(stuck_compensation="yes")
+
+
 # ----------------------------------------------------------------- read noise
 def test_read_noise_statistics_and_fresh_per_read():
     dev = DeviceModel(read_noise=0.05)

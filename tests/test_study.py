@@ -17,8 +17,8 @@ PLAN = yaml.safe_load((REPO / "results" / "resnet_fashion" / "plan.yaml").read_t
 def test_plan_expands_to_every_cell_of_the_issue():
     cells = {c.name: c for c in study.cells(PLAN)}
     # the software network, then 2 arrays x 2 non-ideality sets x 3 strategies x 2 BatchNorm options,
-    # then the ablations (a reference and 7 effect groups switched off)
-    assert len(cells) == 1 + 2 * 2 * 3 * 2 + 8
+    # then the ablations (a reference, 7 effect groups switched off, one remedy switched on)
+    assert len(cells) == 1 + 2 * 2 * 3 * 2 + 9
     assert cells["software"].overrides == ["training=standard"] and cells["software"].needs is None
     ta = cells["tech_aware-256-full_wire-bn_chip"]
     assert ta.how == "train" and ta.needs == "software"
@@ -73,7 +73,8 @@ def test_a_failed_cell_leaves_its_dependants_undone(tmp_path, monkeypatch):
     assert not any(tmp_path.glob("*/DONE"))
 
 
-@pytest.mark.parametrize("pattern,expected", [("software", 1), ("*-64-paper-*", 6), ("tech_aware-*", 8 + 8), ("*.no_*", 7)])
+@pytest.mark.parametrize("pattern,expected", [("software", 1), ("*-64-paper-*", 6), ("tech_aware-*", 8 + 9),
+                                              ("*.no_*", 7), ("*.with_*", 1)])
 def test_only_selects_cells_by_name(tmp_path, capsys, pattern, expected):
     assert study.main([str(REPO / "results" / "resnet_fashion" / "plan.yaml"), "--dir", str(tmp_path),
                        "--only", pattern, "--list"]) == 0
@@ -87,7 +88,8 @@ def test_ablations_read_the_cells_weights_with_one_effect_off_at_t0():
     ablations = [c for c in cells.values() if c.tags.get("ablation_of") == base]
     assert {c.tags["effect_off"] for c in ablations} == {"all_on", "no_wire", "no_source_sink",
                                                          "no_programming_variation", "no_read_noise", "no_stuck",
-                                                         "no_levels", "no_converters"}
+                                                         "no_levels", "no_converters",
+                                                         "with_stuck_compensation"}
     ref = cells[f"{base}.all_on"]
     # the fine-tuned weights, evaluated: the cell's hardware, no training overrides, t0 only
     assert ref.how == "evaluate" and ref.needs == base
@@ -96,6 +98,7 @@ def test_ablations_read_the_cells_weights_with_one_effect_off_at_t0():
     assert cells[f"{base}.no_wire"].overrides == [*ref.overrides, "nonideality.r_wire=false"]
     assert cells[f"{base}.no_converters"].overrides == [*ref.overrides, "nonideality.dac=false",
                                                         "nonideality.adc=false"]
+    assert cells[f"{base}.with_stuck_compensation"].overrides == [*ref.overrides, "xbar.stuck_compensation=true"]
     # the ablation of an evaluation-only cell reads the weights that cell reads
     plan = {**PLAN, "ablations": {**PLAN["ablations"], "cells": ["standard-64-full_wire-bn_chip"]}}
     std = {c.name: c for c in study.cells(plan)}["standard-64-full_wire-bn_chip.no_wire"]

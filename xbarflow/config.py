@@ -140,6 +140,9 @@ class XbarConfig:
     dac_range_mode: str = rf("per_sample", choices=("per_sample", "fixed", "calibrated"))
     dac_percentile: float = rf(99.9, gt=0.0, le=100.0)              # of a layer's |inputs|
     calibration_samples: int = rf(512, ge=1)                        # training images that calibrate the converters
+    # program-and-verify with pair compensation: the partner of each stuck device is programmed to
+    # keep the pair's difference (the chip's stuck map is found when it is programmed)
+    stuck_compensation: bool = False
     # which Linear / Conv2d layers go on crossbars (the rest, and grouped convs, stay digital)
     layers: XbarLayersConfig = field(default_factory=XbarLayersConfig)
 

@@ -43,6 +43,7 @@ def crossbar_spec(cfg) -> CrossbarSpec:
         adc_percentile=xb.adc_percentile,
         dac_range_mode=xb.dac_range_mode,
         dac_percentile=xb.dac_percentile,
+        stuck_compensation=getattr(xb, "stuck_compensation", False),
     )
 
 

@@ -13,7 +13,9 @@ The deterministic programming precision (finite conductance ``levels``) is
 
 Order of the effects on a layer's physical arrays (see :func:`xbarflow.crossbar.effective.device_conductances`):
 
-1. programming: mapping (section 3), tiling, rounding to ``levels``;
+1. programming: mapping (section 3), tiling, with ``stuck_compensation`` the partner of each
+   stuck device retargeted to keep the pair's difference (:func:`compensate_stuck_pairs`),
+   rounding to ``levels``;
 2. programming error: chip-wide (c2c) and per-device (d2d) lognormal factors;
 3. stuck cells: replace a device by ``g_max`` (stuck-at-on) or ``g_min`` (stuck-at-off);
 4. drift: ``G(t) = G * (t / t0) ** -nu``, ``nu`` per device;
@@ -118,13 +120,62 @@ def apply_stuck(G: torch.Tensor, model: DeviceModel, seed: int, name: str, g_min
     """
     if not model.has_stuck:
         return G
-    shape = tuple(G.shape)
-    # compared in float64, as drawn: the same cells are stuck on every machine
-    u = on_device(lambda: draw("rand", shape, seed, name, "stuck"), dtype=torch.float64, device=G.device,
-                  key=("stuck", seed, name, shape))
-    G = torch.where(u < model.stuck_on, torch.full_like(G, g_max), G)
-    off = (u >= model.stuck_on) & (u < model.stuck_on + model.stuck_off)
+    on, off = _stuck_masks(model, seed, name, tuple(G.shape), G.device)
+    G = torch.where(on, torch.full_like(G, g_max), G)
     return torch.where(off, torch.full_like(G, g_min), G)
+
+
+def _stuck_masks(model: DeviceModel, seed: int, name: str, shape, device):
+    """``(stuck_on, stuck_off)`` boolean masks of the chip's devices, shape ``shape``."""
+    # compared in float64, as drawn: the same cells are stuck on every machine
+    u = on_device(lambda: draw("rand", shape, seed, name, "stuck"), dtype=torch.float64, device=device,
+                  key=("stuck", seed, name, shape))
+    return u < model.stuck_on, (u >= model.stuck_on) & (u < model.stuck_on + model.stuck_off)
+
+
+def stuck_conductances(G: torch.Tensor, model: DeviceModel, seed: int, name: str, g_min: float,
+                       g_max: float) -> Optional[torch.Tensor]:
+    """The conductance each stuck device holds (``g_max`` or ``g_min``, siemens), NaN where the
+    device is not stuck; shape and dtype of ``G``. ``None`` without stuck cells.
+
+    What a program-and-verify pass learns about a chip: a device that does not move is stuck,
+    and its read-back value says where. The same cells as :func:`apply_stuck`.
+    """
+    if not model.has_stuck:
+        return None
+    on, off = _stuck_masks(model, seed, name, tuple(G.shape), G.device)
+    stuck = torch.full_like(G, float("nan"), requires_grad=False)
+    stuck = torch.where(on, torch.full_like(stuck, g_max), stuck)
+    return torch.where(off, torch.full_like(stuck, g_min), stuck)
+
+
+def compensate_stuck_pairs(G: torch.Tensor, stuck: torch.Tensor, partner, g_min: float, g_max: float) -> torch.Tensor:
+    """Program the partner of each stuck device so that the pair's difference is kept.
+
+    A weight is the difference of a device pair, ``G+ - G-``. When one device of a pair is
+    stuck at ``s`` instead of its target ``g``, its partner's target ``h`` becomes
+    ``h + (s - g)``, clipped to ``[g_min, g_max]``. Exact where that stays in range: a
+    stuck-at-on device that carries the weight (its partner moves up by the same amount).
+    Otherwise the nearest the range allows: a stuck-at-on device on the weight's idle side
+    leaves an error of ``|w|`` (both at ``g_max``) instead of about the full scale; a
+    stuck-at-off device that carries the weight leaves ``|w|`` as before. Pairs with both
+    devices stuck, and devices not stuck, keep their targets.
+
+    Args:
+        G: programmed target conductances, siemens, a layer's arrays in their layout.
+        stuck: :func:`stuck_conductances` of the same arrays (NaN: not stuck).
+        partner: maps a tensor of the arrays' layout to its pair partners' values (an
+            involution: ``partner(partner(x)) == x``), e.g. :func:`~xbarflow.crossbar.mapping.pair_partner`.
+
+    Returns:
+        Target conductances, siemens, shape of ``G``; differentiable in G (the clip passes no
+        gradient where it binds). The stuck devices themselves are replaced later
+        (:func:`apply_stuck`).
+    """
+    stuck_partner = partner(stuck)
+    fix = stuck.isnan() & ~stuck_partner.isnan()
+    moved = (G + (stuck_partner.nan_to_num(0.0) - partner(G))).clamp(g_min, g_max)
+    return torch.where(fix, moved, G)
 
 
 def drift_factors(model: DeviceModel, t: Optional[float], shape, seed: int, name: str, dtype, device):

@@ -6,7 +6,8 @@ computed once per weight update (training) or per chip (evaluation); the layer's
 forward pass is then an ordinary matmul.
 
 The device pipeline (:func:`device_conductances`) is, in this order: programming
-(mapping, tiling, rounding to ``spec.levels``), the chip's programming error (c2c,
+(mapping, tiling, with ``spec.stuck_compensation`` the partners of the chip's stuck devices
+retargeted, rounding to ``spec.levels``), the chip's programming error (c2c,
 d2d), stuck cells, drift to ``chip.time``, and the conductances of one read (read
 noise); then the circuit. Without levels and without a chip's device effects each
 step is the identity and costs nothing. With ADC the layer's forward pass is done
@@ -21,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .circuit import apply_transfer, check_conductance, transfer_columns, transfer_columns_merged, transfer_matrix
-from .devices import quantize_levels
-from .mapping import conductance_pair, deinterleave_difference, interleave_columns, tiled_conductance_pair
+from .devices import compensate_stuck_pairs, quantize_levels
+from .mapping import conductance_pair, deinterleave_difference, interleave_columns, pair_partner, tiled_conductance_pair
 from .peripherals import adc_quantize
 from .spec import CrossbarSpec
 from .tiling import from_tiles, to_tiles
@@ -70,6 +71,10 @@ def device_conductances(W: torch.Tensor, spec: CrossbarSpec, chip: Optional[Chip
     if chip is not None and cols not in (None, spec.cols):
         raise ValueError("device_conductances: a chip's devices need the arrays' own width (cols=None)")
     G, k = physical_arrays(W, spec, cols)
+    if chip is not None and spec.stuck_compensation:
+        stuck = chip.stuck_conductances(G, name, spec.g_min, spec.g_max)
+        if stuck is not None:
+            G = compensate_stuck_pairs(G, stuck, lambda x: pair_partner(x, spec.mapping), spec.g_min, spec.g_max)
     if spec.levels is not None:
         G = quantize_levels(G, spec.levels, spec.g_min, spec.g_max)
     if chip is not None:

@@ -154,3 +154,17 @@ def tiled_conductance_pair(W: torch.Tensor, g_min: float, g_max: float, rows: in
     w_range = weight_range(W, w_max)
     G = _TiledPair.apply(W, w_range, float(g_min), float(g_max), int(rows), int(cols), w_max is not None)
     return G, (g_max - g_min) / w_range
+
+
+def pair_partner(G: torch.Tensor, mapping: str) -> torch.Tensor:
+    """Each device's partner in its differential pair, in the arrays' layout.
+
+    ``separate``: arrays ``(2, n_r, n_c, rows, cols)``, G+ at index 0 and G- at 1: the other
+    array's device at the same place. ``interleaved``: ``(..., cols)`` with G+ in even and G-
+    in odd columns: the neighbouring column. An involution (applied twice, the identity).
+    """
+    if mapping == "interleaved":
+        return G.unflatten(-1, (G.shape[-1] // 2, 2)).flip(-1).flatten(-2)
+    if G.dim() != 5 or G.shape[0] != 2:
+        raise ValueError(f"separate arrays have shape (2, n_r, n_c, rows, cols) (got {tuple(G.shape)})")
+    return G.flip(0)

@@ -44,6 +44,10 @@ class CrossbarSpec:
             or ``"calibrated"`` (a percentile of the layer's inputs on a calibration batch).
         adc_percentile, dac_percentile: the percentiles (0-100] that calibration sets the
             ranges to (:func:`xbarflow.nn.calibrate_converters`).
+        stuck_compensation: program-and-verify with pair compensation: the chip's stuck
+            devices are found when it is programmed, and the partner of each is programmed
+            to keep the pair's difference (:func:`~xbarflow.crossbar.devices.compensate_stuck_pairs`).
+            ``False``: every device gets its own target, stuck or not.
     """
 
     rows: int = 64
@@ -66,6 +70,7 @@ class CrossbarSpec:
     dac_range_mode: str = "per_sample"
     adc_percentile: float = 99.9
     dac_percentile: float = 99.9
+    stuck_compensation: bool = False
 
     def __post_init__(self):
         for name in ("rows", "cols"):
@@ -104,6 +109,8 @@ class CrossbarSpec:
             v = getattr(self, name)
             if not _finite(v) or not 0 < v <= 100:
                 raise ValueError(f"{name} must be in (0, 100] (got {v!r})")
+        if not isinstance(self.stuck_compensation, bool):
+            raise ValueError(f"stuck_compensation must be true or false (got {self.stuck_compensation!r})")
         if self.dac_range_mode == "fixed" and self.dac_range is None:
             raise ValueError("dac_range_mode 'fixed' needs a dac_range")
 

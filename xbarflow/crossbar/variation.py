@@ -117,6 +117,11 @@ class Chip:
         f = _dev.drift_factors(self.device, self.time, G.shape, self.seed, name, G.dtype, G.device)
         return G if f is None else G * f
 
+    def stuck_conductances(self, G: torch.Tensor, name: str, g_min: float, g_max: float) -> Optional[torch.Tensor]:
+        """Where this chip's devices of ``G``'s arrays are stuck, and at what (siemens; NaN: not
+        stuck), as a program-and-verify pass finds them; ``None`` without stuck cells."""
+        return _dev.stuck_conductances(G, self.device, self.seed, name, g_min, g_max)
+
     def read(self, G: torch.Tensor, name: str, read: int = 0) -> torch.Tensor:
         """The conductances seen by read number ``read`` (read noise; identity without it)."""
         return _dev.apply_read_noise(G, self.device, self.seed, name, read)
