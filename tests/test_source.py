@@ -222,3 +222,22 @@ def test_keep_refuses_a_periphery_that_does_not_fit(trained):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: eval.source_periphery=keep:") and "another tile size" in lines[0]
+
+
+def test_a_key_added_after_the_source_ran_counts_at_its_default():
+    """A source run logged before a crossbar key existed (e.g. xbar.stuck_compensation) ran with that
+    key's default behaviour: the same setting here is no difference (its learned periphery is kept),
+    another value is one."""
+    from conftest import compose
+
+    from xbarflow.source import Source, _flat, crossbar_differences
+
+    cfg = compose(["experiment=smoke"])
+    old_params = {k: v for k, v in _flat(cfg).items() if k != "xbar.stuck_compensation"}
+    source = Source("x", {}, "run", old_params, "tech_aware")
+    assert crossbar_differences(source, cfg) == []
+    assert crossbar_differences(source, compose(["experiment=smoke", "xbar.stuck_compensation=true"])) == [
+        "xbar.stuck_compensation"]
+    assert crossbar_differences(source, compose(["experiment=smoke", "xbar.r_source=500"])) == ["xbar.r_source"]
+    # a weights file logged no parameters: every crossbar key is unknown
+    assert "xbar.r_source" in crossbar_differences(Source("w.pt", {}, None, {}, None), cfg)

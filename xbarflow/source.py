@@ -365,9 +365,23 @@ def column_gain_policy(source: Source, cfg: DictConfig) -> str:
 
 def crossbar_differences(source: Source, cfg: DictConfig) -> List[str]:
     """The ``hardware.``/``xbar.``/``nonideality.`` keys whose value here differs from the source run's
-    (all of them when the source logged no parameters: a weights file)."""
+    (all of them when the source logged no parameters: a weights file). A key the source did not log
+    was added after it ran: that run had the key's default behaviour, so it is compared with the
+    schema's default."""
     here = _flat(cfg)
-    return sorted(k for k, v in here.items() if k.startswith(CROSSBAR_KEYS) and source.params.get(k) != v)
+    if not source.params:
+        return sorted(k for k in here if k.startswith(CROSSBAR_KEYS))
+    defaults = _schema_defaults()
+    return sorted(k for k, v in here.items()
+                  if k.startswith(CROSSBAR_KEYS) and source.params.get(k, defaults.get(k)) != v)
+
+
+def _schema_defaults() -> Dict[str, str]:
+    """Every key of the config schema with its default, flattened as runs log their parameters."""
+    from .config import Config
+    from .tracking import flatten
+
+    return flatten(OmegaConf.to_container(OmegaConf.structured(Config), resolve=True))
 
 
 def evaluation_device(typed) -> torch.device:
