@@ -67,12 +67,21 @@ def cells(plan: dict) -> List[Cell]:
                 if s_over is None:  # the software network read on this hardware
                     out.append(Cell(first, [*hw, f"eval.bn_recalibration={bn[0]}"], "software", "evaluate"))
                 else:
-                    out.append(Cell(first, [*s_over, *hw, f"eval.bn_recalibration={bn[0]}"], "software", "train"))
+                    out.append(Cell(first, [*s_over, *reduced_training(plan, first), *hw,
+                                            f"eval.bn_recalibration={bn[0]}"], "software", "train"))
                 weights_of = "software" if s_over is None else first
                 for option in bn[1:]:
                     out.append(Cell(f"{stem}-bn_{option}", [*hw, f"eval.bn_recalibration={option}"], weights_of,
                                     "evaluate"))
     return out + ablation_cells(plan, out)
+
+
+def reduced_training(plan: dict, name: str) -> List[str]:
+    """The plan's ``reduced`` overrides of a fine-tune whose full cost the machine cannot give
+    (fnmatch pattern on cell names -> overrides, e.g. fewer batches an epoch); the report says
+    which cells ran reduced (their command)."""
+    return [o for pattern, over in (plan.get("reduced") or {}).items() if fnmatch.fnmatch(name, pattern)
+            for o in over]
 
 
 def ablation_cells(plan: dict, main: List[Cell]) -> List[Cell]:
@@ -90,7 +99,7 @@ def ablation_cells(plan: dict, main: List[Cell]) -> List[Cell]:
     for base_name in spec["cells"]:
         base = by_name[base_name]
         weights_of = base.name if base.how == "train" else base.needs
-        strategy_over = plan["strategies"][base_name.split("-")[0]] or []
+        strategy_over = [*(plan["strategies"][base_name.split("-")[0]] or []), *reduced_training(plan, base_name)]
         extra = [*spec.get("overrides", [])]
         # an ablation override replaces the cell's own setting of that key (e.g. eval.times)
         keys = {o.split("=", 1)[0] for o in extra}

@@ -24,6 +24,9 @@ def test_plan_expands_to_every_cell_of_the_issue():
     assert ta.how == "train" and ta.needs == "software"
     assert {"training=tech_aware", "xbar.size=256", "nonideality=full", "xbar.r_wire=2.5",
             "eval.bn_recalibration=chip"} <= set(ta.overrides)
+    # a fine-tune the machine cannot give in full runs reduced (plan key `reduced`), and only that one
+    assert "trainer.limit_train_batches=0.25" in ta.overrides
+    assert not any("limit_train_batches" in o for c in cells.values() if c.name != ta.name for o in c.overrides)
     # the other BatchNorm option reads the fine-tuned weights, the standard cells the software network's
     assert cells["tech_aware-256-full_wire-bn_none"].needs == "tech_aware-256-full_wire-bn_chip"
     assert cells["tech_aware-256-full_wire-bn_none"].how == "evaluate"
