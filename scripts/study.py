@@ -73,7 +73,28 @@ def cells(plan: dict) -> List[Cell]:
                 for option in bn[1:]:
                     out.append(Cell(f"{stem}-bn_{option}", [*hw, f"eval.bn_recalibration={option}"], weights_of,
                                     "evaluate"))
-    return out + ablation_cells(plan, out)
+    return out + ablation_cells(plan, out) + seed_cells(plan, out)
+
+
+def seed_cells(plan: dict, main: List[Cell]) -> List[Cell]:
+    """The plan's ``seeds`` (``values``: training seeds, ``cells``: fnmatch patterns): whole
+    replicates of the matching cells and of every cell they need, the software network included,
+    with ``seed=<s>``, named ``<cell>.seed<s>``; a replicate reads or starts from its own
+    replicate's weights. Section 9 of the model note: a claim of less than 2 points needs three
+    training seeds (the plan's cells are seed 0)."""
+    spec = plan.get("seeds")
+    if not spec:
+        return []
+    by_name = {c.name: c for c in main}
+    wanted, stack = set(), [c.name for c in main if any(fnmatch.fnmatchcase(c.name, p) for p in spec["cells"])]
+    while stack:
+        name = stack.pop()
+        if name not in wanted:
+            wanted.add(name)
+            stack += [by_name[name].needs] if by_name[name].needs else []
+    return [Cell(f"{c.name}.seed{s}", [*c.overrides, f"seed={s}"], None if c.needs is None else f"{c.needs}.seed{s}",
+                 c.how, tags={"seed_of": c.name, "seed": str(s)})
+            for s in spec["values"] for c in main if c.name in wanted]
 
 
 def reduced_training(plan: dict, name: str) -> List[str]:
@@ -214,6 +235,8 @@ def collect(plan: dict, study: Path, uri: str) -> List[dict]:
         parts = cell.name.split("-")
         if "ablation_of" in cell.tags:
             row.update(ablation_of=cell.tags["ablation_of"], effect_off=cell.tags["effect_off"])
+        elif "seed_of" in cell.tags:
+            row.update(seed_of=cell.tags["seed_of"], seed=int(cell.tags["seed"]))
         elif len(parts) == 4:
             row.update(strategy=parts[0], tile=parts[1], nonideality=parts[2], bn=parts[3][3:])
         row.update({k: m[f"test/{k}"] for k in ACC if f"test/{k}" in m})
@@ -254,6 +277,7 @@ def report(plan: dict, study: Path, uri: str, out: Path) -> int:
               "spread (std / sqrt(n_chips)) in quadrature. Commands, commits and run ids: report.json."]
     lines += strategy_differences(rows, "tech_aware", "noise_aware")
     lines += ablation_table(rows, sw)
+    lines += seed_table(rows, [("tech_aware", "standard"), ("tech_aware", "noise_aware")])
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps({"software": sw, "cells": rows}, indent=1) + "\n")
     figure(rows, sw, out / "accuracy_by_cell.png")
@@ -292,6 +316,47 @@ def strategy_differences(rows: List[dict], a: str, b: str) -> List[str]:
         out.append(f"| {r['tile']}x{r['tile']} | {r['nonideality']} | {r['bn']} | "
                    f"{r['acc_xbar_mean'] - other['acc_xbar_mean']:+.2f} | {paired:.2f} | {bound:.2f} | "
                    f"{sum(d > 0 for d in diffs)} of {len(diffs)} |")
+    return out
+
+
+def seed_table(rows: List[dict], pairs: List[Tuple[str, str]]) -> List[str]:
+    """Cells replicated over training seeds (the cell itself is seed 0): the mean over chips per
+    seed, their mean and spread over seeds; then strategy against strategy, the per-seed difference
+    of the means over chips, with the standard error over seeds (std / sqrt(n)), where every seed
+    of both cells is done."""
+    by_seed: Dict[str, Dict[int, float]] = {}
+    for r in rows:
+        if "acc_xbar_mean" not in r:
+            continue
+        if "seed_of" in r:
+            by_seed.setdefault(r["seed_of"], {})[r["seed"]] = r["acc_xbar_mean"]
+    for r in rows:
+        if r["cell"] in by_seed and "acc_xbar_mean" in r:
+            by_seed[r["cell"]][0] = r["acc_xbar_mean"]
+    if not by_seed:
+        return []
+    out = ["", "Over training seeds (seed 0: the cell above; each seed a whole replicate from its own software "
+           "network): mean over chips per seed.", "",
+           "| cell | seeds | per seed | mean | ± std over seeds |", "|---|---|---|---|---|"]
+    for cell, accs in by_seed.items():
+        vals = [accs[s] for s in sorted(accs)]
+        spread = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+        out.append(f"| {cell} | {', '.join(map(str, sorted(accs)))} | {', '.join(f'{v:.2f}' for v in vals)} | "
+                   f"{statistics.mean(vals):.2f} | {spread:.2f} |")
+    diffs_lines = []
+    for a, b in pairs:
+        for cell, accs in by_seed.items():
+            if not cell.startswith(f"{a}-"):
+                continue
+            other = by_seed.get(f"{b}-" + cell.split("-", 1)[1])
+            if other is None or sorted(other) != sorted(accs) or len(accs) < 2:
+                continue
+            d = [accs[s] - other[s] for s in sorted(accs)]
+            diffs_lines.append(f"| {cell.split('-', 1)[1]} | {a} against {b} | {len(d)} | {statistics.mean(d):+.2f} | "
+                               f"{statistics.stdev(d) / math.sqrt(len(d)):.2f} |")
+    if diffs_lines:
+        out += ["", "| cell | difference | seeds | mean of per-seed differences | ± SE over seeds |",
+                "|---|---|---|---|---|", *diffs_lines]
     return out
 
 

@@ -18,7 +18,7 @@ def test_plan_expands_to_every_cell_of_the_issue():
     cells = {c.name: c for c in study.cells(PLAN)}
     # the software network, then 2 arrays x 2 non-ideality sets x 3 strategies x 2 BatchNorm options,
     # then the ablations (a reference, 7 effect groups switched off, one remedy switched on)
-    assert len(cells) == 1 + 2 * 2 * 3 * 2 + 9
+    assert len(cells) == 1 + 2 * 2 * 3 * 2 + 9 + 2 * 4  # + seeds 1, 2 of 3 cells and their software network
     assert cells["software"].overrides == ["training=standard"] and cells["software"].needs is None
     ta = cells["tech_aware-256-full_wire-bn_chip"]
     assert ta.how == "train" and ta.needs == "software"
@@ -36,7 +36,8 @@ def test_plan_expands_to_every_cell_of_the_issue():
 
 def test_done_cells_skipped_stopped_ones_resumed_and_sources_resolved(tmp_path, monkeypatch):
     plan = {**PLAN, "tiles": {"64": ["xbar.size=64"]}, "nonidealities": {"paper": ["nonideality=paper"]},
-            "strategies": {"standard": None, "tech_aware": ["training=tech_aware"]}, "ablations": None}
+            "strategies": {"standard": None, "tech_aware": ["training=tech_aware"]}, "ablations": None,
+            "seeds": None}
     (tmp_path / "software").mkdir()
     (tmp_path / "software" / "DONE").write_text("1 s\n")
     (tmp_path / "software" / "mlflow_run.json").write_text(json.dumps({"run_id": "a" * 32}))
@@ -68,7 +69,7 @@ def test_done_cells_skipped_stopped_ones_resumed_and_sources_resolved(tmp_path, 
 
 def test_a_failed_cell_leaves_its_dependants_undone(tmp_path, monkeypatch):
     plan = {**PLAN, "tiles": {"64": ["xbar.size=64"]}, "nonidealities": {"paper": ["nonideality=paper"]},
-            "strategies": {"tech_aware": ["training=tech_aware"]}, "ablations": None}
+            "strategies": {"tech_aware": ["training=tech_aware"]}, "ablations": None, "seeds": None}
     monkeypatch.setattr(study.subprocess, "call", lambda args, **kw: 1)
     plan_file = tmp_path / "plan.yaml"
     plan_file.write_text(yaml.safe_dump(plan))
@@ -76,7 +77,7 @@ def test_a_failed_cell_leaves_its_dependants_undone(tmp_path, monkeypatch):
     assert not any(tmp_path.glob("*/DONE"))
 
 
-@pytest.mark.parametrize("pattern,expected", [("software", 1), ("*-64-paper-*", 6), ("tech_aware-*", 8 + 9),
+@pytest.mark.parametrize("pattern,expected", [("software", 1), ("*-64-paper-*", 6 + 6), ("tech_aware-*", 8 + 9 + 2),
                                               ("*.no_*", 7), ("*.with_*", 1)])
 def test_only_selects_cells_by_name(tmp_path, capsys, pattern, expected):
     assert study.main([str(REPO / "results" / "resnet_fashion" / "plan.yaml"), "--dir", str(tmp_path),
@@ -134,3 +135,34 @@ def test_strategy_difference_is_paired_over_chips():
     # differences 2.0, 2.5, 3.0: mean 2.5, stdev 0.5, paired SE 0.5 / sqrt(3); bound hypot(0.7, 0.7)
     assert line == "| 64x64 | full_wire | chip | +2.50 | 0.29 | 0.99 | 3 of 3 |"
     assert study.strategy_differences(rows[:1], "tech_aware", "noise_aware") == []  # nothing to compare
+
+
+def test_seed_replicates_are_whole_chains_with_their_own_weights():
+    cells = {c.name: c for c in study.cells(PLAN)}
+    reps = {n: c for n, c in cells.items() if "seed_of" in c.tags}
+    # seeds 1 and 2 of the three 64x64 paper cells with per-chip BN, and of the software network they need
+    assert sorted(reps) == sorted(f"{n}.seed{s}" for s in (1, 2) for n in (
+        "software", "standard-64-paper-bn_chip", "noise_aware-64-paper-bn_chip", "tech_aware-64-paper-bn_chip"))
+    ta = reps["tech_aware-64-paper-bn_chip.seed1"]
+    assert ta.overrides == [*cells["tech_aware-64-paper-bn_chip"].overrides, "seed=1"]
+    assert ta.needs == "software.seed1" and ta.how == "train"
+    assert reps["standard-64-paper-bn_chip.seed2"].needs == "software.seed2"
+    assert reps["software.seed2"].needs is None and reps["software.seed2"].overrides == ["training=standard", "seed=2"]
+    # a replicate's software network is trained before what needs it
+    order = [c.name for c in study.cells(PLAN)]
+    assert order.index("software.seed1") < order.index("tech_aware-64-paper-bn_chip.seed1")
+
+
+def test_seed_table_gives_the_spread_over_seeds_and_the_per_seed_difference():
+    def row(cell, acc, seed=None):
+        r = {"cell": cell if seed is None else f"{cell}.seed{seed}", "acc_xbar_mean": acc}
+        return r if seed is None else {**r, "seed_of": cell, "seed": seed}
+    rows = [row("tech_aware-64-paper-bn_chip", 92.0), row("tech_aware-64-paper-bn_chip", 91.0, 1),
+            row("tech_aware-64-paper-bn_chip", 93.0, 2), row("standard-64-paper-bn_chip", 90.0),
+            row("standard-64-paper-bn_chip", 90.5, 1), row("standard-64-paper-bn_chip", 89.5, 2)]
+    lines = study.seed_table(rows, [("tech_aware", "standard")])
+    assert "| tech_aware-64-paper-bn_chip | 0, 1, 2 | 92.00, 91.00, 93.00 | 92.00 | 1.00 |" in lines
+    # per-seed differences 2.0, 0.5, 3.5: mean 2.0, SE 1.5 / sqrt(3) = 0.87
+    assert "| 64-paper-bn_chip | tech_aware against standard | 3 | +2.00 | 0.87 |" in lines
+    # a seed missing on one side: no difference row
+    assert not any("against" in line for line in study.seed_table(rows[:-1], [("tech_aware", "standard")]))
