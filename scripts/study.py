@@ -13,7 +13,13 @@ from the software network's weights, ``training.init_from``) and BatchNorm optio
 * ``software``: trains the software network (its own evaluation is on the experiment's arrays);
 * ``<strategy>-<tile>-<nonideality>-bn_<first option>``: the fine-tune (or, for ``null``, an
   evaluation-only run of the software network) with the first BatchNorm option;
-* ``...-bn_<other option>``: evaluation-only runs of the same weights with the other options.
+* ``...-bn_<other option>``: evaluation-only runs of the same weights with the other options;
+* ``<cell>.all_on``, ``<cell>.no_<effect>``, ``<cell>.with_<remedy>`` (plan key ``ablations``):
+  evaluation-only runs of a cell's weights with one effect group off or one remedy on;
+* ``<cell>.seed<s>`` (plan key ``seeds``): whole replicates with another training seed.
+
+Plan key ``reduced`` gives the fine-tunes the machine cannot afford in full their reduction
+(e.g. fewer batches an epoch); it shows in the cell's command in the report.
 
 Each cell is one ``run.py`` job with its own folder ``DIR/<cell>`` (``hydra.run.dir``) and the
 study's own tracking store ``DIR/mlflow.db`` (``--tracking-uri`` to log elsewhere). A cell whose
