@@ -267,3 +267,46 @@ def test_evaluate_refuses_a_card_naming_os_system(logged_folder, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: source={evil}: model._target_=os.system (the model card) "
                                                    "is not a trusted target"), proc.stderr[-3000:]
+
+
+class _OpensAFile:
+    """Unpickling this object calls ``open(marker, "w")``: the file appears if the pickle runs."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_refuses_a_checkpoint_that_needs_unpickling(workdir):
+    """``resume=true`` reads the folder's last.ckpt without unpickling (Lightning's default would
+    run it): a tampered checkpoint is refused in one line, exit 2, and its payload never runs; an
+    honest checkpoint of the same run resumes."""
+    run_dir = workdir / "run"
+    common = ["experiment=smoke", "dataset=digits", "trainer.limit_train_batches=2", f"hydra.run.dir={run_dir}"]
+    first = run_cli(common + ["training.epochs=1"], cwd=workdir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    honest = torch.load(last, map_location="cpu", weights_only=True)
+    marker = workdir / "payload_ran"
+    torch.save({**honest, "callbacks": _OpensAFile(marker)}, last)
+    torch.load(last, map_location="cpu", weights_only=False).clear()  # control: plain unpickling runs it
+    assert marker.exists()
+    marker.unlink()
+
+    refused = run_cli(common + ["training.epochs=2", "resume=true"], cwd=workdir)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    lines = [l for l in refused.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "resume=true" in lines[0] and "last.ckpt" in lines[0], lines
+    assert not marker.exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("xbarflow").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status != "RUNNING"  # no half-open run left behind
+
+    torch.save(honest, last)
+    resumed = run_cli(common + ["training.epochs=2", "resume=true"], cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not marker.exists() and (run_dir / "checkpoints" / "epoch1.ckpt").exists()

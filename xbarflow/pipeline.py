@@ -253,7 +253,8 @@ def build_trainer(typed: Config, cfg: DictConfig, run: "tracking.TrackedRun"):
     callbacks = [
         # save_top_k=1 without a monitor keeps the newest epoch; Lightning writes last.ckpt only
         # alongside a top-k save
-        ModelCheckpoint(dirpath=run.ckpt_dir, filename="epoch{epoch}", save_last=True, save_top_k=1, every_n_epochs=1),
+        ModelCheckpoint(dirpath=run.ckpt_dir, filename="epoch{epoch}", auto_insert_metric_name=False, save_last=True,
+                        save_top_k=1, every_n_epochs=1),
         # SIGTERM (SLURM pre-emption) and Ctrl-C: keep the interrupted state for inspection (not
         # Lightning's OnExceptionCheckpoint: with it, fit(ckpt_path=None) resumes from the folder's
         # newest checkpoint; resuming is resume=true's, from run.resume_ckpt)
@@ -276,8 +277,30 @@ def train(typed: Config, cfg: DictConfig, model: torch.nn.Module, data: DataSpli
     module = CrossbarClassifier(model, typed.training, data.num_classes,
                                 lambda seed: make_chip(typed, seed, train=True), seed=typed.seed)
     train_loader, val_loader, _ = data_loaders(typed, data)
-    build_trainer(typed, cfg, run).fit(module, train_loader, val_loader, ckpt_path=run.resume_ckpt)
+    if run.resume_ckpt is not None:
+        check_resume_checkpoint(run.resume_ckpt)
+    # weights_only: Lightning's default unpickles the checkpoint, which can run code
+    build_trainer(typed, cfg, run).fit(module, train_loader, val_loader, ckpt_path=run.resume_ckpt,
+                                       weights_only=True)
     return module
+
+
+def check_resume_checkpoint(path: str) -> None:
+    """Refuse, in one line, a checkpoint that ``resume=true`` cannot read without unpickling.
+
+    A run's checkpoints hold tensors and plain containers only, so they load with
+    ``torch.load(weights_only=True)``; a file that needs anything else (a tampered or foreign
+    ``last.ckpt``) is refused before Lightning reads it, and nothing in it runs.
+
+    Raises:
+        ConfigError: naming the file and the first line of the loader's reason.
+    """
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"resume=true: {path} is not a checkpoint of plain tensors and containers, "
+                          f"refused without unpickling ({reason})") from None
 
 
 def load_source(typed: Config, cfg: DictConfig, model: torch.nn.Module,
