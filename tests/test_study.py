@@ -166,3 +166,10 @@ def test_seed_table_gives_the_spread_over_seeds_and_the_per_seed_difference():
     assert "| 64-paper-bn_chip | tech_aware against standard | 3 | +2.00 | 0.87 |" in lines
     # a seed missing on one side: no difference row
     assert not any("against" in line for line in study.seed_table(rows[:-1], [("tech_aware", "standard")]))
+
+
+def test_seed_table_reads_the_software_networks_digital_accuracy():
+    rows = [{"cell": "software", "acc_software": 92.52, "acc_xbar_mean": 10.0},
+            {"cell": "software.seed1", "seed_of": "software", "seed": 1, "acc_software": 92.55, "acc_xbar_mean": 10.01}]
+    lines = study.seed_table(rows, [])
+    assert "| software | 0, 1 | 92.52, 92.55 | 92.53 | 0.02 |" in lines
