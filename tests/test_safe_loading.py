@@ -310,3 +310,4 @@ def test_resume_refuses_a_checkpoint_that_needs_unpickling(workdir):
     resumed = run_cli(common + ["training.epochs=2", "resume=true"], cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not marker.exists() and (run_dir / "checkpoints" / "epoch1.ckpt").exists()
+    assert resumed.stderr.strip() == ""  # a quiet console: resuming into its own folder is no warning

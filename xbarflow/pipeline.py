@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -277,11 +278,15 @@ def train(typed: Config, cfg: DictConfig, model: torch.nn.Module, data: DataSpli
     module = CrossbarClassifier(model, typed.training, data.num_classes,
                                 lambda seed: make_chip(typed, seed, train=True), seed=typed.seed)
     train_loader, val_loader, _ = data_loaders(typed, data)
-    if run.resume_ckpt is not None:
-        check_resume_checkpoint(run.resume_ckpt)
-    # weights_only: Lightning's default unpickles the checkpoint, which can run code
-    build_trainer(typed, cfg, run).fit(module, train_loader, val_loader, ckpt_path=run.resume_ckpt,
-                                       weights_only=True)
+    with warnings.catch_warnings():
+        if run.resume_ckpt is not None:
+            check_resume_checkpoint(run.resume_ckpt)
+            # resuming writes into the folder holding last.ckpt on purpose; in a fresh run the
+            # warning (older checkpoints beside the new ones) stays
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        # weights_only: Lightning's default unpickles the checkpoint, which can run code
+        build_trainer(typed, cfg, run).fit(module, train_loader, val_loader, ckpt_path=run.resume_ckpt,
+                                           weights_only=True)
     return module
 
 
