@@ -17,8 +17,8 @@ PLAN = yaml.safe_load((REPO / "results" / "resnet_fashion" / "plan.yaml").read_t
 def test_plan_expands_to_every_cell_of_the_issue():
     cells = {c.name: c for c in study.cells(PLAN)}
     # the software network, then 2 arrays x 2 non-ideality sets x 3 strategies x 2 BatchNorm options,
-    # then the ablations (a reference, 7 effect groups switched off, one remedy switched on)
-    assert len(cells) == 1 + 2 * 2 * 3 * 2 + 9 + 2 * 4  # + seeds 1, 2 of 3 cells and their software network
+    # then the ablations of 2 cells (a reference, 7 effect groups switched off, one remedy switched on)
+    assert len(cells) == 1 + 2 * 2 * 3 * 2 + 2 * 9 + 2 * 4  # + seeds 1, 2 of 3 cells and their software network
     assert cells["software"].overrides == ["training=standard"] and cells["software"].needs is None
     ta = cells["tech_aware-256-full_wire-bn_chip"]
     assert ta.how == "train" and ta.needs == "software"
@@ -77,8 +77,8 @@ def test_a_failed_cell_leaves_its_dependants_undone(tmp_path, monkeypatch):
     assert not any(tmp_path.glob("*/DONE"))
 
 
-@pytest.mark.parametrize("pattern,expected", [("software", 1), ("*-64-paper-*", 6 + 6), ("tech_aware-*", 8 + 9 + 2),
-                                              ("*.no_*", 7), ("*.with_*", 1)])
+@pytest.mark.parametrize("pattern,expected", [("software", 1), ("*-64-paper-*", 6 + 6), ("tech_aware-*", 8 + 2 * 9 + 2),
+                                              ("*.no_*", 2 * 7), ("*.with_*", 2)])
 def test_only_selects_cells_by_name(tmp_path, capsys, pattern, expected):
     assert study.main([str(REPO / "results" / "resnet_fashion" / "plan.yaml"), "--dir", str(tmp_path),
                        "--only", pattern, "--list"]) == 0
