@@ -51,6 +51,9 @@ def main(cfg: DictConfig) -> float:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from xbarflow.pipeline import run_experiment
+    from xbarflow.runtime import raise_on_sigterm
+
+    raise_on_sigterm(SIGTERMException)  # outside fit too: a job stopped while it evaluates is KILLED
 
     n_jobs = hc.launcher.get("n_jobs", 1) if multirun else 1
     if isinstance(n_jobs, int) and n_jobs > 1:
@@ -84,7 +87,7 @@ def main(cfg: DictConfig) -> float:
         tracking.record_failure(hc.sweep.dir, hc.job.num, " ".join(hc.overrides.task), f"{type(e).__name__}: {e}")
         return float("nan")
     except SIGTERMException:
-        # pre-emption: the run is marked KILLED and checkpointed; resume=true continues it
+        # pre-emption: the run is marked KILLED (and checkpointed, if it was training); resume=true continues it
         print("interrupted by SIGTERM: run marked KILLED; rerun with resume=true to continue", file=sys.stderr)
         sys.exit(143)
     # what a sweeper (Optuna) optimises: `objective`, test/acc_xbar_mean unless set

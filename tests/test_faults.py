@@ -6,7 +6,7 @@ import pytest
 from conftest import run_cli
 
 FAULTS = textwrap.dedent('''
-    import os, signal
+    import os, signal, sys, threading, time
     import pytorch_lightning as pl
 
     class RaiseAtStep(pl.Callback):
@@ -24,6 +24,25 @@ FAULTS = textwrap.dedent('''
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == self.step:
                 os.kill(os.getpid(), signal.SIGTERM)
+
+    class SigtermInEvaluation(pl.Callback):
+        """After the fit, send SIGTERM once the main thread is inside xbarflow.evaluation.evaluate
+        (outside Lightning's own SIGTERM handling)."""
+        def on_fit_end(self, trainer, pl_module):
+            main = threading.main_thread().ident
+
+            def watch():
+                while True:
+                    frame = sys._current_frames().get(main)
+                    while frame is not None:
+                        code = frame.f_code
+                        if code.co_name == "evaluate" and code.co_filename.endswith("evaluation.py"):
+                            os.kill(os.getpid(), signal.SIGTERM)
+                            return
+                        frame = frame.f_back
+                    time.sleep(0.005)
+
+            threading.Thread(target=watch, daemon=True).start()
 ''')
 
 
@@ -92,6 +111,20 @@ def test_sigterm_checkpoints_kills_and_resume_matches_uninterrupted(workdir, fau
         assert r_res.data.metrics[key] == r_ref.data.metrics[key], key  # resume == uninterrupted
         assert r_again.data.metrics[key] == r_ref.data.metrics[key], key  # same seed twice == identical
     assert len(client.get_metric_history(run_id, "val/acc")) == 3  # one per epoch, none lost or doubled
+
+
+def test_sigterm_while_evaluating_marks_the_run_killed(workdir, faults_dir):
+    """SIGTERM outside the fit (here during the evaluation over chips) ends the job with 143 and
+    its run KILLED, not left RUNNING (Python's default action would end the process at once)."""
+    run_dir = workdir / "stopped"
+    proc = run_cli(["experiment=smoke", "dataset=digits", "trainer.limit_train_batches=2", "training.epochs=1",
+                    f"hydra.run.dir={run_dir}", "+trainer.callbacks=[{_target_:faultinject.SigtermInEvaluation}]"],
+                   cwd=workdir, env_extra={"PYTHONPATH": str(faults_dir)})
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "interrupted by SIGTERM: run marked KILLED" in proc.stderr
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    run = _client(workdir).get_run(run_id)
+    assert run.info.status == "KILLED" and "test/acc_xbar_mean" not in run.data.metrics
 
 
 def test_corrupt_dataset_file_is_one_line(workdir):

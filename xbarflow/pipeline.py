@@ -31,7 +31,7 @@ from .nn.convert import LayerSelection, convert, convertible_layers, xbar_layers
 from .nn.energy import EnergyReport, measure_energy
 from .nn.layers import CROSSBAR_ONLY_PARAMS
 from .nn.memory import model_memory
-from .runtime import memory_limit_bytes
+from .runtime import memory_limit_bytes, sigterm_left_to_lightning
 from .training import CrossbarClassifier
 
 # Above this fraction of the memory limit a run starts, with a warning.
@@ -285,8 +285,9 @@ def train(typed: Config, cfg: DictConfig, model: torch.nn.Module, data: DataSpli
             # warning (older checkpoints beside the new ones) stays
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         # weights_only: Lightning's default unpickles the checkpoint, which can run code
-        build_trainer(typed, cfg, run).fit(module, train_loader, val_loader, ckpt_path=run.resume_ckpt,
-                                           weights_only=True)
+        with sigterm_left_to_lightning():
+            build_trainer(typed, cfg, run).fit(module, train_loader, val_loader, ckpt_path=run.resume_ckpt,
+                                               weights_only=True)
     return module
 
 

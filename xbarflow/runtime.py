@@ -4,11 +4,14 @@ Nothing here runs on import: an application calls it once at start.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import signal
 import sys
+import threading
 
-__all__ = ["tune_allocator", "memory_limit_bytes", "quiet_known_noise"]
+__all__ = ["tune_allocator", "memory_limit_bytes", "quiet_known_noise", "raise_on_sigterm", "sigterm_left_to_lightning"]
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -98,3 +101,38 @@ def memory_limit_bytes(accelerator: str = "cpu") -> float:
         if text.isdigit():
             limit = min(limit, float(text))
     return limit
+
+
+def raise_on_sigterm(exception: type) -> None:
+    """SIGTERM raises ``exception(143)`` (a ``SystemExit``), so the job's run is marked KILLED.
+
+    Lightning turns SIGTERM into ``SIGTERMException`` only inside ``fit``; elsewhere in a job
+    (converter calibration, BatchNorm re-estimation, evaluation over chips and read times, an
+    hour on a large study cell) Python's default action would end the process at once and
+    leave its MLflow run RUNNING. ``run.py`` calls this with Lightning's ``SIGTERMException``
+    before the job starts; :func:`sigterm_left_to_lightning` hands the signal back to Lightning
+    for the fit. A no-op outside the main thread (signal handlers can only be set there).
+    """
+    def handler(signum, frame):
+        raise exception(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def sigterm_left_to_lightning():
+    """SIGTERM at its default inside the block, the handler before it restored afterwards.
+
+    Lightning's trainer installs its own SIGTERM handling in ``fit`` (checkpoint at the next
+    batch boundary, then ``SIGTERMException``) and composes it with any handler already set:
+    with :func:`raise_on_sigterm`'s it would raise mid-step instead.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
