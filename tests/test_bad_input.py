@@ -216,9 +216,40 @@ def test_init_from_good_weights_and_a_lightning_checkpoint(workdir):
     """The success paths: an earlier run's weights.pt and its Lightning checkpoint both load."""
     first = run_cli(["experiment=smoke", "dataset=digits", f"hydra.run.dir={workdir / 'first'}"], cwd=workdir)
     assert first.returncode == 0, first.stderr[-2000:]
-    for path in (workdir / "first" / "weights.pt", workdir / "first" / "checkpoints" / "last.ckpt"):
+    import torch
+    from safetensors.torch import save_file
+
+    # the form a logged model (and a study's committed network) keeps its weights in
+    logged = workdir / "weights.safetensors"
+    save_file(torch.load(workdir / "first" / "weights.pt", weights_only=True), str(logged))
+    for path in (workdir / "first" / "weights.pt", workdir / "first" / "checkpoints" / "last.ckpt", logged):
         proc = run_cli(["experiment=smoke", "dataset=digits", f"training.init_from={path}"], cwd=workdir)
         assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_init_from_safetensors_loads_every_tensor(tmp_path):
+    """``training.init_from`` with a ``.safetensors`` file: the model holds the file's values afterwards."""
+    import torch
+    from safetensors.torch import save_file
+
+    from xbarflow.crossbar import CrossbarSpec
+    from xbarflow.nn import convert
+    from xbarflow.pipeline import load_initial_weights
+
+    model = convert(torch.nn.Sequential(torch.nn.Linear(6, 3)), CrossbarSpec(rows=4, cols=4))
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    load_initial_weights(model, "w.safetensors", str(tmp_path))  # relative to the run's start folder
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_init_from_a_broken_safetensors_file(workdir):
+    bad = workdir / "weights.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    proc = run_cli(["experiment=smoke", f"training.init_from={bad}"], cwd=workdir)
+    _one_line_exit_2(proc, "training.init_from=", "weights.safetensors", "not a safetensors file")
+    _no_run_left(workdir)
 
 
 def test_init_from_weights_trained_on_another_tile_size(workdir):

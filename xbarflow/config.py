@@ -188,7 +188,7 @@ class TrainingConfig:
     resample_chip: bool = True                   # tech_aware: a fresh chip per step when variation is on
     pretrain_epochs: int = rf(0, ge=0)           # tech_aware: first epochs ideal (standard), then on the crossbar
     column_gain: bool = True                     # tech_aware: calibrate and learn a digital gain per output column
-    init_from: Optional[str] = None              # path of a state_dict (.pt) to start from
+    init_from: Optional[str] = None              # a state_dict (.pt) or logged weights (.safetensors) to start from
     noise: WeightNoiseConfig = field(default_factory=WeightNoiseConfig)   # noise_aware: weight noise per step
     # standard: evaluate the weights of a finished run of the experiment that trained the same network
     # (same model, data, recipe and seed; the crossbar does not matter) instead of training it again

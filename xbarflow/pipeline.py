@@ -127,7 +127,8 @@ def check_layer_selection(selection: LayerSelection, model: torch.nn.Module) -> 
 
 
 def load_initial_weights(model: torch.nn.Module, path: str, start_dir: Optional[str] = None) -> None:
-    """Load ``weights.pt`` of an earlier run, a plain model's state_dict or a Lightning checkpoint.
+    """Load ``weights.pt`` of an earlier run, a plain model's state_dict, a Lightning checkpoint or a
+    logged model's ``weights.safetensors`` (read as tensors only: nothing in the file runs).
 
     Crossbar-only parameters absent from the file, or of another shape (converter ranges of
     another tile size), keep their initial values for calibration to set.
@@ -137,11 +138,7 @@ def load_initial_weights(model: torch.nn.Module, path: str, start_dir: Optional[
     """
     key = "training.init_from"
     file = init_from_file(path, start_dir)
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"{key}={path}: not a PyTorch checkpoint or state_dict ({reason})") from None
+    state = source_module.read_weights_file(file, key, path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
         state = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

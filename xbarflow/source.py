@@ -81,9 +81,19 @@ PICKLE_REFUSED = ("the run has no weights.pt and its model artifact is a pickle,
                   "(it could run code); log the weights with this version")
 
 
-def _load_file(path: Path, spec: str):
+def read_weights_file(path: Path, key: str, value: str):
     """Tensors from a weights file: safetensors, or torch's weights-only unpickler (which refuses
-    anything but tensors and plain containers, so a pickled object's code never runs)."""
+    anything but tensors and plain containers, so a pickled object's code never runs).
+
+    ``key`` and ``value`` name the setting that gave the file (``source``, ``training.init_from``)
+    in the one-line error.
+
+    Raises:
+        ConfigError: ``<key>=<value>: <why>``, for a file that is not a weights file of tensors.
+    """
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"{key}={value}: {why}")
+
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -91,16 +101,20 @@ def _load_file(path: Path, spec: str):
             return load_file(str(path))
         except Exception as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise _fail(spec, f"not a safetensors file ({reason})") from None
+            raise fail(f"not a safetensors file ({reason})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "Weights only load failed" in str(e):
-            raise _fail(spec, "a pickle holding more than tensors (a pickled model?), which xbarflow does not load "
-                              "(it could run code); give a state_dict (weights.pt, *.safetensors) or a model folder "
-                              "logged by this version") from None
+            raise fail("a pickle holding more than tensors (a pickled model?), which xbarflow does not load "
+                       "(it could run code); give a state_dict (weights.pt, *.safetensors) or a model folder "
+                       "logged by this version") from None
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise _fail(spec, f"not a PyTorch checkpoint or state_dict ({reason})") from None
+        raise fail(f"not a PyTorch checkpoint or state_dict ({reason})") from None
+
+
+def _load_file(path: Path, spec: str):
+    return read_weights_file(path, KEY, spec)
 
 
 def _check_targets(params: Dict[str, str], spec: str, where: str, trusted, exact) -> None:
