@@ -26,6 +26,17 @@ study's own tracking store ``DIR/mlflow.db`` (``--tracking-uri`` to log elsewher
 folder holds ``DONE`` is skipped; a cell that was stopped is resumed from its last checkpoint
 (``resume=true``), so the study can be stopped and started again at any point, across sessions.
 A failed cell is reported and the study goes on with the cells that do not need it.
+
+**Across machines.** The study folder lives outside the repository, so a new machine starts
+without it. What is committed carries the study over: the record (``--record``, by default the
+plan's folder) holds ``report.json``, one row per cell already measured, and the plan key
+``networks`` names a folder there with the trained networks (``<cell>/card.json`` and
+``weights.safetensors``, a logged model's files: tensors and JSON only), which
+``--export-networks`` writes from the study's store. A cell with a row in the record (a training
+cell: with its network too) is *recorded* and not run again (``--rerun`` runs it anyway); a cell
+that needs a network the study folder lacks starts from (``training.init_from``) or evaluates
+(``source=<folder>``) the committed one; and ``--report`` keeps the recorded rows of the cells
+the store does not hold, so a report regenerated on a new machine loses none of them.
 """
 from __future__ import annotations
 
@@ -147,14 +158,44 @@ def run_id_of(folder: Path) -> Optional[str]:
         return None
 
 
-def command(cell: Cell, plan: dict, study: Path, tracking_uri: str) -> List[str]:
+def network_of(plan: dict, record: Optional[Path], name: str) -> Optional[Path]:
+    """The committed network of cell ``name`` (a model folder: ``card.json``, ``weights.safetensors``
+    under the plan's ``networks`` folder in the record), or None."""
+    if record is None or not plan.get("networks"):
+        return None
+    folder = record / plan["networks"] / name
+    return folder if (folder / "card.json").is_file() and (folder / "weights.safetensors").is_file() else None
+
+
+def recorded_rows(record: Optional[Path]) -> Dict[str, dict]:
+    """The rows of ``report.json`` in the record, by cell name (empty where there is none)."""
+    if record is None or not (record / "report.json").is_file():
+        return {}
+    return {r["cell"]: r for r in json.loads((record / "report.json").read_text()).get("cells", [])}
+
+
+def is_recorded(cell: Cell, plan: dict, record: Optional[Path], rows: Dict[str, dict]) -> bool:
+    """A cell measured before, on any machine: its row is in the record, and for a training cell
+    its network is committed too (the cells after it need the weights, not only the row)."""
+    return cell.name in rows and (cell.how != "train" or network_of(plan, record, cell.name) is not None)
+
+
+def weights_available(name: str, plan: dict, study: Path, record: Optional[Path]) -> bool:
+    """Whether the trained weights of cell ``name`` are at hand: done in this study, or committed."""
+    return (study / name / DONE).exists() or network_of(plan, record, name) is not None
+
+
+def command(cell: Cell, plan: dict, study: Path, tracking_uri: str, record: Optional[Path] = None) -> List[str]:
     folder = study / cell.name
     args = [sys.executable, str(REPO / "run.py"), f"experiment={plan['experiment']}", *cell.overrides,
             f"hydra.run.dir={folder}", f"logger.tracking_uri={tracking_uri}", f"run_name={cell.name}"]
     if cell.needs is not None:
         base = study / cell.needs
+        committed = None if (base / DONE).exists() else network_of(plan, record, cell.needs)
         if cell.how == "evaluate":
-            args += ["mode=evaluate", f"source={run_id_of(base)}"]
+            args += ["mode=evaluate", f"source={committed or run_id_of(base)}"]
+        elif committed is not None:
+            args += [f"training.init_from={committed / 'weights.safetensors'}"]
         else:
             args += [f"training.init_from={base / 'weights.pt'}"]
     if (folder / "mlflow_run.json").exists() and cell.how == "train":
@@ -170,28 +211,38 @@ def main(argv=None) -> int:
     p.add_argument("--only", action="append", default=[], help="fnmatch pattern(s) on cell names")
     p.add_argument("--list", action="store_true", help="list the cells and their state, run nothing")
     p.add_argument("--report", type=Path, default=None, help="write report.md, report.json and a figure here")
+    p.add_argument("--record", type=Path, default=None,
+                   help="the committed record: report.json and the plan's networks folder (default: the plan's folder)")
+    p.add_argument("--rerun", action="store_true", help="also run the cells the record holds (to reproduce them)")
+    p.add_argument("--export-networks", action="store_true",
+                   help="copy every done training cell's network (card and weights) into the record's networks folder")
     a = p.parse_args(argv)
     plan = yaml.safe_load(a.plan.read_text())
     study = a.dir.resolve()
     study.mkdir(parents=True, exist_ok=True)
+    record = (a.record or a.plan.parent).resolve()
     uri = a.tracking_uri or f"sqlite:///{study / 'mlflow.db'}"
     if a.report:
-        return report(plan, study, uri, a.report)
+        return report(plan, study, uri, a.report, record)
+    if a.export_networks:
+        return export_networks(plan, study, uri, record)
+    rows = recorded_rows(record)
     todo = [c for c in cells(plan) if not a.only or any(fnmatch.fnmatchcase(c.name, o) for o in a.only)]
     failed = []
     for cell in todo:
         folder = study / cell.name
-        state = "done" if (folder / DONE).exists() else "started" if folder.exists() else "to do"
+        state = "done" if (folder / DONE).exists() else "started" if folder.exists() else \
+            "recorded" if is_recorded(cell, plan, record, rows) else "to do"
         if a.list:
             print(f"{cell.name:40s} {state:8s} {' '.join(cell.overrides)}")
             continue
-        if state == "done":
+        if state == "done" or (state == "recorded" and not a.rerun):
             continue
-        if cell.needs is not None and not (study / cell.needs / DONE).exists():
+        if cell.needs is not None and not weights_available(cell.needs, plan, study, record):
             print(f"skip {cell.name}: {cell.needs} is not done", flush=True)
             failed.append(cell.name)
             continue
-        args = command(cell, plan, study, uri)
+        args = command(cell, plan, study, uri, record)
         print(f"== {cell.name}: {' '.join(args[2:])}", flush=True)
         start = time.time()
         folder.mkdir(parents=True, exist_ok=True)
@@ -221,7 +272,7 @@ def standard_error(row: dict) -> float:
     return math.hypot(100 * math.sqrt(p * (1 - p) / n), chips)
 
 
-def collect(plan: dict, study: Path, uri: str) -> List[dict]:
+def collect(plan: dict, study: Path, uri: str, record: Optional[Path] = None) -> List[dict]:
     """One row per done cell, its metrics read back from the tracking store."""
     sys.path.insert(0, str(REPO))
     from xbarflow.tracking import client_for
@@ -237,7 +288,7 @@ def collect(plan: dict, study: Path, uri: str) -> List[dict]:
         m, params = run.data.metrics, run.data.params
         row = {"cell": cell.name, "run_id": run_id, "commit": run.data.tags.get("git_commit", ""),
                "n_images": int(m.get("test/n_images", 0)), "n_chips": int(params.get("eval.n_chips", 1)),
-               "command": " ".join(command(cell, plan, study, uri)[1:])}
+               "command": " ".join(command(cell, plan, study, uri, record)[1:])}
         parts = cell.name.split("-")
         if "ablation_of" in cell.tags:
             row.update(ablation_of=cell.tags["ablation_of"], effect_off=cell.tags["effect_off"])
@@ -259,10 +310,46 @@ def collect(plan: dict, study: Path, uri: str) -> List[dict]:
     return rows
 
 
-def report(plan: dict, study: Path, uri: str, out: Path) -> int:
+def export_networks(plan: dict, study: Path, uri: str, record: Path) -> int:
+    """Every done training cell's logged model (``card.json`` and ``weights.safetensors`` only) into
+    ``<record>/<networks>/<cell>``, so that a study on another machine starts from them."""
+    if not plan.get("networks"):
+        print("the plan names no `networks` folder", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO))
+    import shutil
+    import tempfile
+
+    from xbarflow.logged_model import fetch, read_folder
+
+    n = 0
+    for cell in cells(plan):
+        run_id = run_id_of(study / cell.name)
+        if cell.how != "train" or not (study / cell.name / DONE).exists() or run_id is None:
+            continue
+        dst = record / plan["networks"] / cell.name
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = fetch(run_id, Path(tmp), uri)
+            read_folder(folder)  # a readable card and weights, or stop here
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in ("card.json", "weights.safetensors"):
+                shutil.copyfile(folder / name, dst / name)
+        (dst / "run.json").write_text(json.dumps({"cell": cell.name, "run_id": run_id}, indent=1) + "\n")
+        print(f"{cell.name}: {dst}")
+        n += 1
+    print(f"{n} network(s) exported to {record / plan['networks']}")
+    return 0
+
+
+def report(plan: dict, study: Path, uri: str, out: Path, record: Optional[Path] = None) -> int:
     """``report.md`` (every done cell: mean over chips, worst chip, standard error, gap to the
-    software network), ``report.json`` and ``accuracy_by_cell.png`` in ``out``."""
-    rows = collect(plan, study, uri)
+    software network), ``report.json`` and ``accuracy_by_cell.png`` in ``out``.
+
+    Cells the store does not hold keep their row from the record's ``report.json`` (measured
+    before, possibly on another machine; the row keeps its run id, commit and command)."""
+    fresh = {r["cell"]: r for r in collect(plan, study, uri, record)}
+    recorded = recorded_rows(record if record is not None else out)
+    rows = [fresh.get(c.name) or recorded[c.name] for c in cells(plan) if c.name in fresh or c.name in recorded]
     out.mkdir(parents=True, exist_ok=True)
     software = next((r for r in rows if r["cell"] == "software"), None)
     sw = software["acc_software"] if software else float("nan")
