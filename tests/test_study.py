@@ -81,7 +81,7 @@ def _row(cell, acc, run="d"):
             "command": "run.py ...", "acc_software": 92.5, "acc_xbar_nominal": acc, "acc_xbar_mean": acc,
             "acc_xbar_std": 0.1, "acc_xbar_min": acc - 0.1, "se": 0.3, "chips": [acc + 0.1, acc - 0.1],
             **({} if cell == "software" else dict(zip(("strategy", "tile", "nonideality", "bn"),
-                                                      [*cell.split("-")[:3], cell.split("-")[3][3:]])))}
+                                                      [*cell.split("-")[:3], cell.split("-")[3][3:]], strict=True)))}
 
 
 def test_a_new_machine_continues_the_study_from_the_record(tmp_path, monkeypatch, capsys):
@@ -137,7 +137,8 @@ def test_a_report_on_a_new_machine_keeps_the_recorded_rows(tmp_path, monkeypatch
     rows = {r["cell"]: r for r in json.loads((out / "report.json").read_text())["cells"]}
     assert list(rows) == ["software", "standard-64-paper-bn_chip", "tech_aware-64-paper-bn_chip",
                           "tech_aware-64-paper-bn_none"]  # plan order
-    assert rows["tech_aware-64-paper-bn_chip"]["run_id"] == "e" * 32 and rows["standard-64-paper-bn_chip"]["acc_xbar_mean"] == 90.3
+    assert rows["tech_aware-64-paper-bn_chip"]["run_id"] == "e" * 32  # measured again: the new row
+    assert rows["standard-64-paper-bn_chip"]["acc_xbar_mean"] == 90.3  # only recorded: kept
     table = (out / "report.md").read_text()
     assert "| tech_aware | 64x64 | paper | none | 89.20 |" in table and "| standard | 64x64 | paper | chip | 90.30 |" in table
 
@@ -256,8 +257,6 @@ def test_networks_exported_and_a_new_machine_reads_them_to_the_same_numbers(tmp_
     """End to end on the smoke experiment: a study trains its software network and reads it on one
     array; its network is exported beside the report; a new study folder (another machine) runs the
     recorded evaluation again from the committed network, and gets the same accuracies."""
-    import subprocess as sp
-
     plan = {"experiment": "smoke", "software": ["training=standard", "dataset=digits"], "networks": "networks",
             "tiles": {"16": ["xbar.size=16", "dataset=digits"]}, "nonidealities": {"paper": ["nonideality=paper"]},
             "strategies": {"standard": None}, "bn_recalibration": ["none"]}
