@@ -130,3 +130,16 @@ def test_check_gpu_runs_every_check_on_cpu():
         assert 0.0 < out[k] < 1e-3, (k, out[k])  # float32 against float64: small, and not trivially 0
     assert out["tat_step_finite"] and out["tat_wire_step_finite"]
     assert out["step_ratio_xbar64"] > 1.0 and out["step_ratio_wire_xbar64"] > 1.0
+
+
+def test_bench_compile_runs_eager_and_reports_ratios():
+    """scripts/bench_compile.py on the CPU with no compile mode (the eager side only, 2 timed steps):
+    one JSON line per layout and mode, the step ratios over the plain network's step."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_compile.py"), "--device", "cpu",
+                        "--modes", "", "--reps", "2"], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for lay in ("xbar64", "784x500"):
+        assert out[f"{lay}:eager:loss_rel_diff"] == 0.0 and out[f"{lay}:eager:step_ms"] > 0
+        assert out[f"{lay}:eager:ratio"] > 1.0  # the exact circuit costs more than a plain step
