@@ -138,13 +138,15 @@ def ablation_cells(plan: dict, main: List[Cell]) -> List[Cell]:
         base = by_name[base_name]
         weights_of = base.name if base.how == "train" else base.needs
         strategy_over = [*(plan["strategies"][base_name.split("-")[0]] or []), *reduced_training(plan, base_name)]
-        extra = [*spec.get("overrides", [])]
-        # an ablation override replaces the cell's own setting of that key (e.g. eval.times)
-        keys = {o.split("=", 1)[0] for o in extra}
-        hw = [o for o in base.overrides if o not in strategy_over and o.split("=", 1)[0] not in keys]
         variants = {"all_on": [], **{f"no_{k}": v for k, v in spec["switch_off"].items()},
                     **{f"with_{k}": v for k, v in (spec.get("remedies") or {}).items()}}
         for effect, off in variants.items():
+            # a variant's own override replaces the ablations' (e.g. a remedy read at later times too),
+            # and an ablation override the cell's own setting of that key (e.g. eval.times)
+            own = {o.split("=", 1)[0] for o in off}
+            extra = [o for o in spec.get("overrides", []) if o.split("=", 1)[0] not in own]
+            keys = own | {o.split("=", 1)[0] for o in extra}
+            hw = [o for o in base.overrides if o not in strategy_over and o.split("=", 1)[0] not in keys]
             out.append(Cell(f"{base_name}.{effect}", [*hw, *extra, *off], weights_of, "evaluate",
                             tags={"ablation_of": base_name, "effect_off": effect}))
     return out
@@ -484,6 +486,11 @@ def ablation_table(rows: List[dict], software: float) -> List[str]:
                        f"{gain:+.2f} | {paired:.2f} | {se_gain:.2f} | {software - r['acc_xbar_mean']:.2f} |")
         out += ["", "A gain's paired SE comes from the per-chip differences (chip k is the same draw in every "
                 "run); the upper bound adds both runs' SEs in quadrature, as if their errors were independent."]
+        for r in rows:  # a variant read at later times too (a remedy over time): those reads
+            if r.get("ablation_of") == base and any(f"mean_{k}" in r for k in TIMES):
+                later = "; ".join(f"{k}: {r[f'mean_{k}']:.2f} ({r[f'min_{k}']:.2f}), gap to software "
+                                  f"{software - r[f'mean_{k}']:.2f}" for k in TIMES if f"mean_{k}" in r)
+                out += ["", f"`{r['cell']}` read later, mean over chips (worst): {later}."]
     return out
 
 

@@ -17,8 +17,8 @@ PLAN = yaml.safe_load((REPO / "results" / "resnet_fashion" / "plan.yaml").read_t
 def test_plan_expands_to_every_cell_of_the_issue():
     cells = {c.name: c for c in study.cells(PLAN)}
     # the software network, then 2 arrays x 2 non-ideality sets x 3 strategies x 2 BatchNorm options,
-    # then the ablations of 2 cells (a reference, 7 effect groups switched off, one remedy switched on)
-    assert len(cells) == 1 + 2 * 2 * 3 * 2 + 2 * 9 + 2 * 4  # + seeds 1, 2 of 3 cells and their software network
+    # then the ablations of 2 cells (a reference, 7 effect groups switched off, a remedy switched on, read at t0 and over time)
+    assert len(cells) == 1 + 2 * 2 * 3 * 2 + 2 * 10 + 2 * 4  # + seeds 1, 2 of 3 cells and their software network
     assert cells["software"].overrides == ["training=standard"] and cells["software"].needs is None
     ta = cells["tech_aware-256-full_wire-bn_chip"]
     assert ta.how == "train" and ta.needs == "software"
@@ -153,8 +153,8 @@ def test_a_failed_cell_leaves_its_dependants_undone(tmp_path, monkeypatch):
     assert not any(tmp_path.glob("*/DONE"))
 
 
-@pytest.mark.parametrize("pattern,expected", [("software", 1), ("*-64-paper-*", 6 + 6), ("tech_aware-*", 8 + 2 * 9 + 2),
-                                              ("*.no_*", 2 * 7), ("*.with_*", 2)])
+@pytest.mark.parametrize("pattern,expected", [("software", 1), ("*-64-paper-*", 6 + 6), ("tech_aware-*", 8 + 2 * 10 + 2),
+                                              ("*.no_*", 2 * 7), ("*.with_*", 2 * 2)])
 def test_only_selects_cells_by_name(tmp_path, capsys, pattern, expected):
     assert study.main([str(REPO / "results" / "resnet_fashion" / "plan.yaml"), "--dir", str(tmp_path),
                        "--record", str(tmp_path), "--only", pattern, "--list"]) == 0
@@ -169,7 +169,8 @@ def test_ablations_read_the_cells_weights_with_one_effect_off_at_t0():
     assert {c.tags["effect_off"] for c in ablations} == {"all_on", "no_wire", "no_source_sink",
                                                          "no_programming_variation", "no_read_noise", "no_stuck",
                                                          "no_levels", "no_converters",
-                                                         "with_stuck_compensation"}
+                                                         "with_stuck_compensation",
+                                                         "with_stuck_compensation_over_time"}
     ref = cells[f"{base}.all_on"]
     # the fine-tuned weights, evaluated: the cell's hardware, no training overrides, t0 only
     assert ref.how == "evaluate" and ref.needs == base
@@ -179,10 +180,25 @@ def test_ablations_read_the_cells_weights_with_one_effect_off_at_t0():
     assert cells[f"{base}.no_converters"].overrides == [*ref.overrides, "nonideality.dac=false",
                                                         "nonideality.adc=false"]
     assert cells[f"{base}.with_stuck_compensation"].overrides == [*ref.overrides, "xbar.stuck_compensation=true"]
+    # a remedy that sets eval.times itself is read at those times: its setting replaces the ablations' t0 only
+    later = cells[f"{base}.with_stuck_compensation_over_time"].overrides
+    assert [o for o in later if o.startswith("eval.times=")] == ["eval.times=[86400.0,31536000.0]"]
+    assert "xbar.stuck_compensation=true" in later and "eval.source_periphery=keep" in later
     # the ablation of an evaluation-only cell reads the weights that cell reads
     plan = {**PLAN, "ablations": {**PLAN["ablations"], "cells": ["standard-64-full_wire-bn_chip"]}}
     std = {c.name: c for c in study.cells(plan)}["standard-64-full_wire-bn_chip.no_wire"]
     assert std.needs == "software" and std.how == "evaluate"
+
+
+def test_ablation_table_gives_a_remedy_read_over_time_its_later_reads():
+    rows = [{"cell": "b.all_on", "ablation_of": "b", "effect_off": "all_on", "acc_xbar_nominal": 90.0,
+             "acc_xbar_mean": 86.0, "acc_xbar_min": 85.0, "se": 0.5, "chips": [86.0, 86.0]},
+            {"cell": "b.with_fix_over_time", "ablation_of": "b", "effect_off": "with_fix_over_time",
+             "acc_xbar_nominal": 90.0, "acc_xbar_mean": 89.0, "acc_xbar_min": 88.5, "se": 0.4, "chips": [89.0, 89.0],
+             "mean_1 day": 88.8, "min_1 day": 88.1, "mean_1 year": 88.2, "min_1 year": 87.0}]
+    lines = study.ablation_table(rows, 92.0)
+    (line,) = [line for line in lines if "read later" in line]
+    assert "1 day: 88.80 (88.10), gap to software 3.20" in line and "1 year: 88.20 (87.00), gap to software 3.80" in line
 
 
 def test_ablation_table_measures_gains_against_the_reference():
