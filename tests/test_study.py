@@ -1,6 +1,7 @@
 """scripts/study.py: the ResNet study's plan expands into resumable cells that start from the right weights."""
 import importlib.util
 import json
+import os
 import sys
 
 import pytest
@@ -288,7 +289,13 @@ def test_networks_exported_and_a_new_machine_reads_them_to_the_same_numbers(tmp_
     first = tmp_path / "first"
     run("--dir", str(first))
     run("--dir", str(first), "--report", str(record))
+    import mlflow
+
+    unset_before = not mlflow.tracking.is_tracking_uri_set()
     run("--dir", str(first), "--export-networks")
+    # fetching the logged models left MLflow's global tracking URI as it found it (pinning it would send
+    # a later run of this process, or a subprocess through MLFLOW_TRACKING_URI, into this study's store)
+    assert not unset_before or (not mlflow.tracking.is_tracking_uri_set() and "MLFLOW_TRACKING_URI" not in os.environ)
     net = record / "networks" / "software"
     assert sorted(p.name for p in net.iterdir()) == ["card.json", "run.json", "weights.safetensors"]
     before = {r["cell"]: r for r in json.loads((record / "report.json").read_text())["cells"]}

@@ -325,7 +325,9 @@ def _download(uri: str, name: str, dst: Path, tracking_uri: Optional[str]) -> Pa
     import mlflow
     import mlflow.artifacts
 
-    before = mlflow.get_tracking_uri()
+    # restored as found: unset stays unset (get_tracking_uri() would give the default made absolute
+    # against today's folder, and setting that would pin it, and MLFLOW_TRACKING_URI, for the process)
+    before = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
     if tracking_uri:  # MLflow 3 resolves runs:/<id>/model through models:/<model id> with the global URI
         mlflow.set_tracking_uri(tracking_uri)
     try:
@@ -334,7 +336,8 @@ def _download(uri: str, name: str, dst: Path, tracking_uri: Optional[str]) -> Pa
                                                       tracking_uri=tracking_uri)
             shutil.move(got, dst / name)
     finally:
-        mlflow.set_tracking_uri(before)
+        if tracking_uri:
+            mlflow.set_tracking_uri(before)  # type: ignore[arg-type]  # None: unset again
     return dst / name
 
 
