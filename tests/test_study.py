@@ -35,6 +35,20 @@ def test_plan_expands_to_every_cell_of_the_issue():
     assert cells["standard-64-paper-bn_chip"].how == "evaluate"
 
 
+def _fake_runs(monkeypatch, study_dir):
+    """Replace run.py jobs by a stub that records the command and leaves run id ``c...c`` in the cell's folder."""
+    calls = []
+
+    def fake_call(args, **kw):
+        calls.append(args)
+        folder = study_dir / next(a for a in args if a.startswith("run_name=")).split("=", 1)[1]
+        (folder / "mlflow_run.json").write_text(json.dumps({"run_id": "c" * 32}))
+        return 0
+
+    monkeypatch.setattr(study.subprocess, "call", fake_call)
+    return calls
+
+
 def test_done_cells_skipped_stopped_ones_resumed_and_sources_resolved(tmp_path, monkeypatch):
     plan = {**PLAN, "tiles": {"64": ["xbar.size=64"]}, "nonidealities": {"paper": ["nonideality=paper"]},
             "strategies": {"standard": None, "tech_aware": ["training=tech_aware"]}, "ablations": None,
@@ -45,15 +59,7 @@ def test_done_cells_skipped_stopped_ones_resumed_and_sources_resolved(tmp_path, 
     stopped = tmp_path / "tech_aware-64-paper-bn_chip"
     stopped.mkdir()
     (stopped / "mlflow_run.json").write_text(json.dumps({"run_id": "b" * 32}))
-    calls = []
-
-    def fake_call(args, **kw):
-        calls.append(args)
-        folder = tmp_path / next(a for a in args if a.startswith("run_name=")).split("=", 1)[1]
-        (folder / "mlflow_run.json").write_text(json.dumps({"run_id": "c" * 32}))
-        return 0
-
-    monkeypatch.setattr(study.subprocess, "call", fake_call)
+    calls = _fake_runs(monkeypatch, tmp_path)
     plan_file = tmp_path / "plan.yaml"
     plan_file.write_text(yaml.safe_dump(plan))
     assert study.main([str(plan_file), "--dir", str(tmp_path)]) == 0
@@ -100,15 +106,7 @@ def test_a_new_machine_continues_the_study_from_the_record(tmp_path, monkeypatch
     # the fine-tune's row is recorded, but not its network: its evaluations need the weights, so it runs again
     (record / "report.json").write_text(json.dumps({"software": 92.5, "cells": [
         _row("software", 10.0), _row("standard-64-paper-bn_chip", 90.3), _row("tech_aware-64-paper-bn_chip", 91.8)]}))
-    calls = []
-
-    def fake_call(args, **kw):
-        calls.append(args)
-        folder = study_dir / next(a for a in args if a.startswith("run_name=")).split("=", 1)[1]
-        (folder / "mlflow_run.json").write_text(json.dumps({"run_id": "c" * 32}))
-        return 0
-
-    monkeypatch.setattr(study.subprocess, "call", fake_call)
+    calls = _fake_runs(monkeypatch, study_dir)
     argv = [str(plan_file), "--dir", str(study_dir), "--record", str(record)]
     assert study.main([*argv, "--list"]) == 0
     states = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
