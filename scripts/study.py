@@ -187,7 +187,10 @@ def weights_available(name: str, plan: dict, study: Path, record: Optional[Path]
     return (study / name / DONE).exists() or network_of(plan, record, name) is not None
 
 
-def command(cell: Cell, plan: dict, study: Path, tracking_uri: str, record: Optional[Path] = None) -> List[str]:
+def command(cell: Cell, plan: dict, study: Path, tracking_uri: str, record: Optional[Path] = None,
+            resume: bool = True) -> List[str]:
+    """The run.py command of ``cell``; ``resume``: continue a stopped training cell (``resume=true``
+    where its folder holds a run), False for the command as first given (the report's)."""
     folder = study / cell.name
     args = [sys.executable, str(REPO / "run.py"), f"experiment={plan['experiment']}", *cell.overrides,
             f"hydra.run.dir={folder}", f"logger.tracking_uri={tracking_uri}", f"run_name={cell.name}"]
@@ -200,7 +203,7 @@ def command(cell: Cell, plan: dict, study: Path, tracking_uri: str, record: Opti
             args += [f"training.init_from={committed / 'weights.safetensors'}"]
         else:
             args += [f"training.init_from={base / 'weights.pt'}"]
-    if (folder / "mlflow_run.json").exists() and cell.how == "train":
+    if resume and (folder / "mlflow_run.json").exists() and cell.how == "train":
         args.append("resume=true")
     return args
 
@@ -290,7 +293,7 @@ def collect(plan: dict, study: Path, uri: str, record: Optional[Path] = None) ->
         m, params = run.data.metrics, run.data.params
         row = {"cell": cell.name, "run_id": run_id, "commit": run.data.tags.get("git_commit", ""),
                "n_images": int(m.get("test/n_images", 0)), "n_chips": int(params.get("eval.n_chips", 1)),
-               "command": " ".join(command(cell, plan, study, uri, record)[1:])}
+               "command": " ".join(command(cell, plan, study, uri, record, resume=False)[1:])}
         parts = cell.name.split("-")
         if "ablation_of" in cell.tags:
             row.update(ablation_of=cell.tags["ablation_of"], effect_off=cell.tags["effect_off"])

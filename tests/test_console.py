@@ -138,10 +138,14 @@ def test_a_fresh_fit_neither_warns_nor_resumes_from_a_used_folder(tmp_path):
     assert (folder / "last.ckpt").exists() and not (folder / "interrupted.ckpt").exists()
     failing = Tiny()
     failing.fail_at = 1
-    try:
-        trainer().fit(failing, loader)
-    except RuntimeError:
-        pass
+    # a second fit into the same folder: Lightning rightly warns that older checkpoints lie beside
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            trainer().fit(failing, loader)
+        except RuntimeError:
+            pass
+    assert any(re.match(r"Checkpoint directory .* exists and is not empty", str(w.message)) for w in caught)
     assert (folder / "interrupted.ckpt").exists()
     again = trainer()
     with warnings.catch_warnings(record=True) as caught:

@@ -298,6 +298,8 @@ def test_networks_exported_and_a_new_machine_reads_them_to_the_same_numbers(tmp_
     assert sorted(p.name for p in net.iterdir()) == ["card.json", "run.json", "weights.safetensors"]
     before = {r["cell"]: r for r in json.loads((record / "report.json").read_text())["cells"]}
     assert set(before) == {"software", "standard-16-paper-bn_none"}
+    # the report gives a trained cell's command as first given, not the command that would resume it
+    assert before["software"]["command"].endswith("run_name=software") and "resume" not in before["software"]["command"]
     # a new machine: the study folder is empty, nothing is left to run ...
     second = tmp_path / "second"
     run("--dir", str(second), "--list")
