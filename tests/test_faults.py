@@ -113,6 +113,41 @@ def test_sigterm_checkpoints_kills_and_resume_matches_uninterrupted(workdir, fau
     assert len(client.get_metric_history(run_id, "val/acc")) == 3  # one per epoch, none lost or doubled
 
 
+def test_resume_from_a_mid_epoch_checkpoint_matches_uninterrupted(workdir, faults_dir):
+    """Stopped in the middle of an epoch, with randomly cropped and flipped images: last.ckpt was
+    written within the epoch (trainer.checkpoint_every_n_steps), and resume=true continues from
+    that step on the batches, and augmentations, the uninterrupted run had: the same numbers."""
+    import torch
+
+    common = ["experiment=smoke", "training.epochs=2", "trainer.limit_train_batches=5", "seed=3",
+              "dataset.crop_padding=2", "dataset.hflip=true", "trainer.checkpoint_every_n_steps=2"]
+    env = {"PYTHONPATH": str(faults_dir)}
+    ref = run_cli(common + [f"hydra.run.dir={workdir / 'ref'}"], cwd=workdir, env_extra=env)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run_dir = workdir / "interrupted"
+    # epoch 0 is steps 1-5; SIGTERM before the 4th batch of epoch 1, after last.ckpt at step 8
+    killed = run_cli(common + [f"hydra.run.dir={run_dir}", "+trainer.callbacks=[{_target_:faultinject.SigtermAtStep,step:8}]"],
+                     cwd=workdir, env_extra=env)
+    assert killed.returncode != 0
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 8 and last["epoch"] == 1  # mid-epoch, not epoch 0's end (step 5)
+    resumed = run_cli(common + [f"hydra.run.dir={run_dir}", "resume=true"], cwd=workdir, env_extra=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "not resumable" not in resumed.stderr  # Lightning's warning for loaders without a position
+    by_dir = {r.data.tags["output_dir"]: r for r in _all_runs(_client(workdir))}
+    r_ref, r_res = by_dir[str(workdir / "ref")], by_dir[str(run_dir)]
+    assert r_res.info.status == "FINISHED"
+    for key in SECTION8:
+        assert r_res.data.metrics[key] == r_ref.data.metrics[key], key
+    # the trained weights themselves: the same steps on the same batches through the same kernels
+    final = [torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+             for d in (workdir / "ref", run_dir)]
+    assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    client = _client(workdir)
+    assert [m.step for m in client.get_metric_history(r_res.info.run_id, "val/acc")] == \
+        [m.step for m in client.get_metric_history(r_ref.info.run_id, "val/acc")]
+
+
 def test_sigterm_while_evaluating_marks_the_run_killed(workdir, faults_dir):
     """SIGTERM outside the fit (here during the evaluation over chips) ends the job with 143 and
     its run KILLED, not left RUNNING (Python's default action would end the process at once)."""

@@ -205,6 +205,10 @@ class TrainerConfig:
     limit_train_batches: Optional[float] = rf(None, gt=0.0)   # <= 1: fraction; > 1: number of batches
     limit_val_batches: Optional[float] = rf(None, gt=0.0)
     log_every_n_steps: int = rf(10, ge=1)
+    # last.ckpt also within an epoch (resume=true continues from that batch): every this many
+    # optimizer steps, and/or when this many minutes have passed since the last save; null: off
+    checkpoint_every_n_steps: Optional[int] = rf(None, ge=1)
+    checkpoint_every_minutes: Optional[float] = rf(10.0, gt=0.0)
     enable_progress_bar: bool = True
     deterministic: bool = True
     # memory the crossbar simulation may use, GB; null: this machine's (or the GPU's) memory

@@ -22,7 +22,7 @@ from . import source as source_module
 from . import sweep_view, tracking
 from .builders import build_model
 from .config import Config, ConfigError, init_from_file, validate
-from .data import DataSplits, EpochShuffleSampler, build_datasets
+from .data import DataSplits, EpochShuffleSampler, ResumableLoader, SeededDraws, build_datasets
 from .evaluation import calibration_loader, evaluate
 from .hardware import adc_range_mode, crossbar_spec, energy_params, layer_selection, make_chip
 from .logged_model import log_model
@@ -229,22 +229,24 @@ def check_trainer(typed: Config) -> None:
 
 
 def data_loaders(typed: Config, data: DataSplits) -> Tuple[DataLoader, DataLoader, DataLoader]:
-    """Train (shuffled per seed and epoch, so a resumed run sees the same batches), val and test loaders."""
+    """Train, val and test loaders. The training images are drawn, and augmented, as functions of
+    (seed, epoch, position) only (:mod:`xbarflow.data.draws`): a resumed run reads the same batches."""
     workers = typed.dataset.num_workers
-    train_loader = DataLoader(data.train, batch_size=typed.training.batch_size,
-                              sampler=EpochShuffleSampler(len(data.train), typed.seed), num_workers=workers)
+    train_loader = ResumableLoader(SeededDraws(data.train, typed.seed), batch_size=typed.training.batch_size,
+                                   sampler=EpochShuffleSampler(len(data.train), typed.seed), num_workers=workers)
     val_loader = DataLoader(data.val, batch_size=typed.eval.batch_size, num_workers=workers)
     test_loader = DataLoader(data.test, batch_size=typed.eval.batch_size, num_workers=workers)
     return train_loader, val_loader, test_loader
 
 
 def build_trainer(typed: Config, cfg: DictConfig, run: "tracking.TrackedRun"):
-    """A Lightning Trainer that logs to the run and checkpoints every epoch into its folder."""
+    """A Lightning Trainer that logs to the run and checkpoints into its folder every epoch, and
+    within an epoch as ``trainer.checkpoint_every_n_steps`` / ``_minutes`` ask."""
     import hydra.utils
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from .training.checkpoints import InterruptedCheckpoint
+    from .training.checkpoints import InterruptedCheckpoint, MidEpochCheckpoint
 
     tc = typed.trainer
     logger = tracking.record_logger(run.record)  # training metrics survive a lost tracking server
@@ -257,6 +259,8 @@ def build_trainer(typed: Config, cfg: DictConfig, run: "tracking.TrackedRun"):
         # Lightning's OnExceptionCheckpoint: with it, fit(ckpt_path=None) resumes from the folder's
         # newest checkpoint; resuming is resume=true's, from run.resume_ckpt)
         InterruptedCheckpoint(dirpath=str(run.ckpt_dir), filename="interrupted"),
+        MidEpochCheckpoint(str(run.ckpt_dir / "last.ckpt"), every_n_steps=tc.checkpoint_every_n_steps,
+                           every_minutes=tc.checkpoint_every_minutes),
         *[hydra.utils.instantiate(c) for c in cfg.trainer.callbacks],
     ]
     return pl.Trainer(
@@ -283,8 +287,8 @@ def train(typed: Config, cfg: DictConfig, model: torch.nn.Module, data: DataSpli
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         # weights_only: Lightning's default unpickles the checkpoint, which can run code
         with sigterm_left_to_lightning():
-            build_trainer(typed, cfg, run).fit(module, train_loader, val_loader, ckpt_path=run.resume_ckpt,
-                                               weights_only=True)
+            trainer = build_trainer(typed, cfg, run)
+            trainer.fit(module, train_loader, val_loader, ckpt_path=run.resume_ckpt, weights_only=True)
     return module
 
 

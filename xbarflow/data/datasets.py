@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler, TensorDataset
+from torch.utils.data import TensorDataset
 
 from ..errors import DatasetUnavailable
 from .images import augmented_tensor_dataset, fit_size, normalise
@@ -164,24 +164,3 @@ def tensor_splits(cfg) -> DataSplits:
     plain = None if isinstance(train, TensorDataset) else TensorDataset(x_train, y_train)
     return DataSplits(train, TensorDataset(x_val, y_val), TensorDataset(x_test, y_test), tuple(x_train.shape[1:]),
                       num_classes, train_plain=plain)
-
-
-class EpochShuffleSampler(Sampler):
-    """A shuffle that depends only on ``(seed, epoch)``.
-
-    A run resumed from a checkpoint at an epoch boundary then sees exactly the
-    batches the uninterrupted run saw (Lightning calls ``set_epoch``).
-    """
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=gen).tolist())
