@@ -18,8 +18,9 @@ PLAN = yaml.safe_load((REPO / "results" / "resnet_fashion" / "plan.yaml").read_t
 def test_plan_expands_to_every_cell_of_the_issue():
     cells = {c.name: c for c in study.cells(PLAN)}
     # the software network, then 2 arrays x 2 non-ideality sets x 3 strategies x 2 BatchNorm options,
-    # then the ablations of 2 cells (a reference, 7 effect groups switched off, a remedy switched on, read at t0 and over time)
-    assert len(cells) == 1 + 2 * 2 * 3 * 2 + 2 * 10 + 2 * 4  # + seeds 1, 2 of 3 cells and their software network
+    # then the ablations of 2 cells (a reference, 7 effect groups switched off, a remedy switched on, read at t0
+    # and over time, and with programming variation off too)
+    assert len(cells) == 1 + 2 * 2 * 3 * 2 + 2 * 11 + 2 * 4  # + seeds 1, 2 of 3 cells and their software network
     assert cells["software"].overrides == ["training=standard"] and cells["software"].needs is None
     ta = cells["tech_aware-256-full_wire-bn_chip"]
     assert ta.how == "train" and ta.needs == "software"
