@@ -170,7 +170,8 @@ def test_ablations_read_the_cells_weights_with_one_effect_off_at_t0():
                                                          "no_programming_variation", "no_read_noise", "no_stuck",
                                                          "no_levels", "no_converters",
                                                          "with_stuck_compensation",
-                                                         "with_stuck_compensation_over_time"}
+                                                         "with_stuck_compensation_over_time",
+                                                         "with_stuck_compensation_and_no_programming_variation"}
     ref = cells[f"{base}.all_on"]
     # the fine-tuned weights, evaluated: the cell's hardware, no training overrides, t0 only
     assert ref.how == "evaluate" and ref.needs == base
