@@ -129,6 +129,7 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_uninterrupted(workdir, fault
     killed = run_cli(common + [f"hydra.run.dir={run_dir}", "+trainer.callbacks=[{_target_:faultinject.SigtermAtStep,step:8}]"],
                      cwd=workdir, env_extra=env)
     assert killed.returncode != 0
+    assert "weights_only" not in killed.stdout + killed.stderr  # the saves within the epoch are silent
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 8 and last["epoch"] == 1  # mid-epoch, not epoch 0's end (step 5)
     resumed = run_cli(common + [f"hydra.run.dir={run_dir}", "resume=true"], cwd=workdir, env_extra=env)

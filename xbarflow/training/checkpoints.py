@@ -39,7 +39,7 @@ class InterruptedCheckpoint(Checkpoint):
         return os.path.join(self.dirpath, self.filename + self.FILE_EXTENSION)
 
     def on_exception(self, trainer: "pl.Trainer", *_: Any, **__: Any) -> None:
-        trainer.save_checkpoint(self.ckpt_path)
+        trainer.save_checkpoint(self.ckpt_path, weights_only=False)  # the whole state; and no INFO line about it
 
     def teardown(self, trainer: "pl.Trainer", *_: Any, **__: Any) -> None:
         trainer.strategy.remove_checkpoint(self.ckpt_path)
@@ -80,5 +80,7 @@ class MidEpochCheckpoint(pl.Callback):
             late = time.monotonic() - self._last_save >= 60.0 * self.every_minutes
             due = due or bool(trainer.strategy.broadcast(late))
         if due:
-            trainer.save_checkpoint(self.path)
+            # the whole training state (as the per-epoch checkpoint); saying so also keeps Lightning
+            # from logging "`weights_only` was not set" on the console at every save
+            trainer.save_checkpoint(self.path, weights_only=False)
             self._last_save = time.monotonic()
