@@ -132,6 +132,8 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_uninterrupted(workdir, fault
     assert "weights_only" not in killed.stdout + killed.stderr  # the saves within the epoch are silent
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 8 and last["epoch"] == 1  # mid-epoch, not epoch 0's end (step 5)
+    # one last.ckpt, written within epochs and at their ends alike (not an epoch's end in last-v1.ckpt)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("last*")) == ["last.ckpt"]
     resumed = run_cli(common + [f"hydra.run.dir={run_dir}", "resume=true"], cwd=workdir, env_extra=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "not resumable" not in resumed.stderr  # Lightning's warning for loaders without a position

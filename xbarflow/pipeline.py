@@ -252,9 +252,11 @@ def build_trainer(typed: Config, cfg: DictConfig, run: "tracking.TrackedRun"):
     logger = tracking.record_logger(run.record)  # training metrics survive a lost tracking server
     callbacks = [
         # save_top_k=1 without a monitor keeps the newest epoch; Lightning writes last.ckpt only
-        # alongside a top-k save
+        # alongside a top-k save. No version counter: last.ckpt is also written within an epoch
+        # (MidEpochCheckpoint), and with the counter the epoch's end would go to last-v1.ckpt
+        # beside it, leaving resume=true the older, mid-epoch state
         ModelCheckpoint(dirpath=run.ckpt_dir, filename="epoch{epoch}", auto_insert_metric_name=False, save_last=True,
-                        save_top_k=1, every_n_epochs=1),
+                        save_top_k=1, every_n_epochs=1, enable_version_counter=False),
         # SIGTERM (SLURM pre-emption) and Ctrl-C: keep the interrupted state for inspection (not
         # Lightning's OnExceptionCheckpoint: with it, fit(ckpt_path=None) resumes from the folder's
         # newest checkpoint; resuming is resume=true's, from run.resume_ckpt)
