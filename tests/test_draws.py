@@ -2,7 +2,14 @@
 position) only: a sampler resumed mid-epoch continues the permutation, an augmented read does
 not depend on the generator's state before it (nor on the number of loader workers), and the
 training loader's saved position restores the remaining batches exactly."""
+import warnings
+
+import pytest
 import torch
+
+# the wrapper pytorch_lightning puts around a custom sampler in a distributed run (its data
+# connector imports it from here)
+from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
 from torchvision.transforms import v2
 
 from xbarflow.data import EpochShuffleSampler, ResumableLoader, SeededDraws
@@ -90,3 +97,24 @@ def test_augmented_batches_do_not_depend_on_the_number_of_workers():
         loader.sampler.set_epoch(3)
     for (x0, y0), (x2, y2) in zip(one, two, strict=True):
         assert torch.equal(y0, y2) and torch.equal(x0, x2)
+
+
+def test_a_distributed_loader_warns_only_when_a_position_within_an_epoch_is_lost():
+    """Under Lightning's distributed wrapper the shards are not skipped into: a position saved within
+    an epoch warns (its remaining batches are drawn anew); one at an epoch's end or before its first
+    batch resumes exactly and says nothing. The saved epoch is the draw sampler's, through the wrapper."""
+    def loader():
+        wrapped = DistributedSamplerWrapper(EpochShuffleSampler(N, seed=3), num_replicas=2, rank=0, shuffle=False)
+        return ResumableLoader(SeededDraws(_augmented(), seed=5), batch_size=4, sampler=wrapped)
+
+    dl = loader()
+    dl.sampler.set_epoch(3)  # as Lightning does; forwarded to the draw sampler
+    batches = list(dl)
+    assert len(batches) == len(dl) == 3  # 11 of the 22 images on this rank, 4 a batch
+    assert dl.state_dict()["epoch"] == 3 and dl.state_dict()["batches"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader().load_state_dict(dl.state_dict())                                # at the epoch's end
+        loader().load_state_dict({"epoch": 3, "batches": 0, "images_per_batch": 4})  # before its first batch
+    with pytest.warns(RuntimeWarning, match="mid-epoch with a distributed sampler"):
+        loader().load_state_dict({"epoch": 3, "batches": 1, "images_per_batch": 4})

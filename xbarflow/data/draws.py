@@ -131,10 +131,19 @@ class ResumableLoader(DataLoader):
         # None where a distributed run has wrapped the sampler (DistributedSampler over it)
         return self.sampler if isinstance(self.sampler, EpochShuffleSampler) else None
 
+    def _draw_sampler(self) -> Optional[EpochShuffleSampler]:
+        """The sampler of draw keys, also inside Lightning's distributed wrapper (which forwards
+        ``set_epoch`` to it): the epoch a position belongs to."""
+        sampler = self._epoch_sampler()
+        if sampler is None:  # DistributedSamplerWrapper(_DatasetSamplerWrapper(sampler))
+            sampler = getattr(getattr(self.sampler, "dataset", None), "_sampler", None)
+        return sampler if isinstance(sampler, EpochShuffleSampler) else None
+
     def _counted(self):
         # runs at the first batch, after Lightning's set_epoch (the iterator is made before it)
         sampler = self._epoch_sampler()
-        epoch = sampler.epoch if sampler is not None else 0
+        drawn = self._draw_sampler()
+        epoch = drawn.epoch if drawn is not None else 0
         skip = sampler.pending_skip(epoch) if sampler is not None else 0
         self._position = (epoch, skip // self._images_per_batch())
         for batch in super().__iter__():
@@ -153,7 +162,12 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state_dict: dict) -> None:
         sampler = self._epoch_sampler()
         if sampler is None:
-            warnings.warn("resuming mid-epoch with a distributed sampler: the epoch's remaining batches are "
-                          "drawn anew, not those the interrupted run would have read", RuntimeWarning, stacklevel=2)
+            # wrapped for a distributed run: its shards are not skipped into, so only a position
+            # within an epoch loses anything (one saved at an epoch's end, or before its first
+            # batch, resumes exactly)
+            if 0 < state_dict["batches"] < len(self):
+                warnings.warn("resuming mid-epoch with a distributed sampler: the epoch's remaining batches are "
+                              "drawn anew, not those the interrupted run would have read", RuntimeWarning,
+                              stacklevel=2)
             return
         sampler.resume_at(state_dict["epoch"], state_dict["batches"] * state_dict["images_per_batch"])
