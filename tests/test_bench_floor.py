@@ -35,14 +35,14 @@ def test_op_clock_counts_flops_bytes_and_classes():
 
 
 def test_bench_floor_reports_floors_for_a_layout():
-    """One repetition on 64x64 tiles: the classes' in-step times fit inside the clocked step, the
+    """Three repetitions on 64x64 tiles (medians): the classes' in-step times fit inside the clocked step, the
     product FLOPs are those bench_crossbar counts for the same step's products, and the floors are ratios."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_floor.py"), "--reps", "1",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_floor.py"), "--reps", "3",
                         "--layouts", "xbar64", "--detail", "3"], capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])["xbar64"]
-    assert sum(out["in_situ_ms"].values()) <= out["clocked_step_ms"]
+    assert 0.0 < out["in_situ_total_ms"] <= out["clocked_step_ms"]
     # FCN 784-500-10 on 64x64 tiles: the TAT step's products (bench_ab.py's tat_gflop also counts
     # the factorisations' 0.0046 GFLOP)
     assert 0.80 < out["gemm_gflop"] < 0.86
