@@ -78,9 +78,9 @@ def _prod(shape) -> int:
     return p
 
 
-def _gemm_flops(func, args) -> int:
-    a, b = (args[0], args[1]) if func.overloadpacket in (aten.mm, aten.bmm) else (args[1], args[2])
-    return 2 * _prod(a.shape) * b.shape[-1]
+def _gemm_operands(pkt, args):
+    """The two factors of a product: ``mm(a, b)`` / ``bmm(a, b)``, or ``addmm(c, a, b)`` / ``baddbmm(c, a, b)``."""
+    return (args[0], args[1]) if pkt in (aten.mm, aten.bmm) else (args[1], args[2])
 
 
 def _bytes(x) -> int:
@@ -114,8 +114,8 @@ class OpClock(TorchDispatchMode):
         d[1] += dt
         self.ops[cls] += 1
         if cls == "gemm":
-            self.flops += _gemm_flops(func, args)
-            a, b = (args[0], args[1]) if pkt in (aten.mm, aten.bmm) else (args[1], args[2])
+            a, b = _gemm_operands(pkt, args)
+            self.flops += 2 * _prod(a.shape) * b.shape[-1]
             self.gemm_shapes[(tuple(a.shape), tuple(b.shape))] += 1
         elif cls == "pass":
             nb = _bytes((args, kwargs)) + _bytes(out)
