@@ -311,3 +311,17 @@ def test_resume_refuses_a_checkpoint_that_needs_unpickling(workdir):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not marker.exists() and (run_dir / "checkpoints" / "epoch1.ckpt").exists()
     assert resumed.stderr.strip() == ""  # a quiet console: resuming into its own folder is no warning
+
+
+@pytest.mark.parametrize("mode", ["standard", "noise_aware", "tech_aware"])
+def test_model_description_says_what_acc_software_is(mode):
+    """The logged model's description (also the run's MLflow note): for a run trained through the
+    crossbar or its noise, test/acc_software is a digital read of those weights, not the software
+    network, and gaps are measured from a standard run; a standard run's description says nothing of it."""
+    from xbarflow.config import validate
+    from xbarflow.logged_model import describe, model_card
+
+    text = describe(model_card(validate(compose(BASE + [f"training.mode={mode}"]))))
+    assert f"trained ({mode})" in text
+    assert ("not the software network's accuracy" in text) == (mode != "standard")
+    assert ("standard-trained run's test/acc_software" in text) == (mode != "standard")

@@ -120,10 +120,17 @@ def model_card(typed) -> Dict[str, str]:
 
 def describe(card: Dict[str, str]) -> str:
     """One paragraph for the model's description (markdown)."""
-    return (f"{card['model']} trained ({card['training']}) on {card['dataset']} for {card['hardware']} "
+    text = (f"{card['model']} trained ({card['training']}) on {card['dataset']} for {card['hardware']} "
             f"(R_on {card['r_on_ohm']} ohm, R_off {card['r_off_ohm']} ohm); crossbar: {card['crossbar']}; "
             f"non-idealities: {card['nonideality']}. Load with xbarflow.load_model('runs:/<run id>/model') "
             f"(weights and card only, no pickle); xbarflow.nn.convert.set_mode(model, 'nominal') runs it on the crossbar.")
+    if card["training"] != "standard":
+        # users read acc_software as the software network's accuracy; here it is not (seen in the
+        # ResNet study: 44-74 % beside a 92.5 % software network)
+        text += (" Its test/acc_software reads these weights in ideal arithmetic, with the digital periphery"
+                 " (column gains, any BatchNorm statistics) learned alongside them: it is not the software"
+                 " network's accuracy. Gaps are measured from a standard-trained run's test/acc_software.")
+    return text
 
 
 def card_document(typed, in_shape: Sequence[int], num_classes: int) -> Dict[str, Any]:
