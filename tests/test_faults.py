@@ -83,25 +83,32 @@ def test_failing_job_is_marked_failed_and_the_sweep_goes_on(workdir, faults_dir)
     assert not any(r.info.status == "RUNNING" for r in runs.values())
 
 
+def _smoke(workdir, faults_dir, args, *, ok=True):
+    """One ``run.py`` job with the fault injectors importable; ``ok``: it must succeed."""
+    r = run_cli(args, cwd=workdir, env_extra={"PYTHONPATH": str(faults_dir)})
+    if ok:
+        assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def _sigterm_at(step: int) -> str:
+    return f"+trainer.callbacks=[{{_target_:faultinject.SigtermAtStep,step:{step}}}]"
+
+
 def test_sigterm_checkpoints_kills_and_resume_matches_uninterrupted(workdir, faults_dir):
     common = ["experiment=smoke", "training.epochs=3", "trainer.limit_train_batches=4", "seed=7"]
-    env = {"PYTHONPATH": str(faults_dir)}
-    ref = run_cli(common + [f"hydra.run.dir={workdir / 'ref'}"], cwd=workdir, env_extra=env)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    again = run_cli(common + [f"hydra.run.dir={workdir / 'again'}"], cwd=workdir, env_extra=env)
-    assert again.returncode == 0, again.stderr[-2000:]
+    _smoke(workdir, faults_dir, common + [f"hydra.run.dir={workdir / 'ref'}"])
+    _smoke(workdir, faults_dir, common + [f"hydra.run.dir={workdir / 'again'}"])
 
     run_dir = workdir / "interrupted"
-    killed = run_cli(common + [f"hydra.run.dir={run_dir}", "+trainer.callbacks=[{_target_:faultinject.SigtermAtStep,step:6}]"],
-                     cwd=workdir, env_extra=env)
+    killed = _smoke(workdir, faults_dir, common + [f"hydra.run.dir={run_dir}", _sigterm_at(6)], ok=False)
     assert killed.returncode != 0
     assert (run_dir / "checkpoints" / "last.ckpt").exists() and (run_dir / "checkpoints" / "interrupted.ckpt").exists()
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     client = _client(workdir)
     assert client.get_run(run_id).info.status == "KILLED"
 
-    resumed = run_cli(common + [f"hydra.run.dir={run_dir}", "resume=true"], cwd=workdir, env_extra=env)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _smoke(workdir, faults_dir, common + [f"hydra.run.dir={run_dir}", "resume=true"])
     runs = {r.info.run_id: r for r in _all_runs(client)}
     assert len(runs) == 3  # ref, again, and the interrupted run continued in place
     by_dir = {r.data.tags["output_dir"]: r for r in runs.values()}
@@ -121,21 +128,17 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_uninterrupted(workdir, fault
 
     common = ["experiment=smoke", "training.epochs=2", "trainer.limit_train_batches=5", "seed=3",
               "dataset.crop_padding=2", "dataset.hflip=true", "trainer.checkpoint_every_n_steps=2"]
-    env = {"PYTHONPATH": str(faults_dir)}
-    ref = run_cli(common + [f"hydra.run.dir={workdir / 'ref'}"], cwd=workdir, env_extra=env)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    _smoke(workdir, faults_dir, common + [f"hydra.run.dir={workdir / 'ref'}"])
     run_dir = workdir / "interrupted"
     # epoch 0 is steps 1-5; SIGTERM before the 4th batch of epoch 1, after last.ckpt at step 8
-    killed = run_cli(common + [f"hydra.run.dir={run_dir}", "+trainer.callbacks=[{_target_:faultinject.SigtermAtStep,step:8}]"],
-                     cwd=workdir, env_extra=env)
+    killed = _smoke(workdir, faults_dir, common + [f"hydra.run.dir={run_dir}", _sigterm_at(8)], ok=False)
     assert killed.returncode != 0
     assert "weights_only" not in killed.stdout + killed.stderr  # the saves within the epoch are silent
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 8 and last["epoch"] == 1  # mid-epoch, not epoch 0's end (step 5)
     # one last.ckpt, written within epochs and at their ends alike (not an epoch's end in last-v1.ckpt)
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("last*")) == ["last.ckpt"]
-    resumed = run_cli(common + [f"hydra.run.dir={run_dir}", "resume=true"], cwd=workdir, env_extra=env)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = _smoke(workdir, faults_dir, common + [f"hydra.run.dir={run_dir}", "resume=true"])
     assert "not resumable" not in resumed.stderr  # Lightning's warning for loaders without a position
     by_dir = {r.data.tags["output_dir"]: r for r in _all_runs(_client(workdir))}
     r_ref, r_res = by_dir[str(workdir / "ref")], by_dir[str(run_dir)]
@@ -155,9 +158,9 @@ def test_sigterm_while_evaluating_marks_the_run_killed(workdir, faults_dir):
     """SIGTERM outside the fit (here during the evaluation over chips) ends the job with 143 and
     its run KILLED, not left RUNNING (Python's default action would end the process at once)."""
     run_dir = workdir / "stopped"
-    proc = run_cli(["experiment=smoke", "dataset=digits", "trainer.limit_train_batches=2", "training.epochs=1",
-                    f"hydra.run.dir={run_dir}", "+trainer.callbacks=[{_target_:faultinject.SigtermInEvaluation}]"],
-                   cwd=workdir, env_extra={"PYTHONPATH": str(faults_dir)})
+    proc = _smoke(workdir, faults_dir, ["experiment=smoke", "dataset=digits", "trainer.limit_train_batches=2",
+                                        "training.epochs=1", f"hydra.run.dir={run_dir}",
+                                        "+trainer.callbacks=[{_target_:faultinject.SigtermInEvaluation}]"], ok=False)
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert "interrupted by SIGTERM: run marked KILLED" in proc.stderr
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
