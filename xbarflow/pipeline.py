@@ -289,8 +289,8 @@ def train(typed: Config, cfg: DictConfig, model: torch.nn.Module, data: DataSpli
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         # weights_only: Lightning's default unpickles the checkpoint, which can run code
         with sigterm_left_to_lightning():
-            trainer = build_trainer(typed, cfg, run)
-            trainer.fit(module, train_loader, val_loader, ckpt_path=run.resume_ckpt, weights_only=True)
+            build_trainer(typed, cfg, run).fit(module, train_loader, val_loader, ckpt_path=run.resume_ckpt,
+                                               weights_only=True)
     return module
 
 

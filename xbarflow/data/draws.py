@@ -140,10 +140,10 @@ class ResumableLoader(DataLoader):
         return sampler if isinstance(sampler, EpochShuffleSampler) else None
 
     def _counted(self):
-        # runs at the first batch, after Lightning's set_epoch (the iterator is made before it)
-        sampler = self._epoch_sampler()
-        drawn = self._draw_sampler()
-        epoch = drawn.epoch if drawn is not None else 0
+        # runs at the first batch, after Lightning's set_epoch (the iterator is made before it);
+        # a wrapped sampler never has a skip pending (load_state_dict sets none there)
+        sampler = self._draw_sampler()
+        epoch = sampler.epoch if sampler is not None else 0
         skip = sampler.pending_skip(epoch) if sampler is not None else 0
         self._position = (epoch, skip // self._images_per_batch())
         for batch in super().__iter__():
